@@ -1,0 +1,38 @@
+"""hiflow_fast: fast HiFlow (training-free 2K/4K flow-matching generation) for Flux.
+
+The Triton kernels live in the top-level folder kernels/ and are installed as the subpackage
+`hiflow_fast.kernels`: a top-level `kernels` package would shadow huggingface's `kernels`,
+which diffusers imports.
+"""
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["hiflow_fast", "hiflow_fast.*"]) + ["hiflow_fast.kernels"]
+
+setup(
+    name="hiflow-fast",
+    version="0.1.0",
+    description="Fast, faithful HiFlow (arXiv 2504.06232) for Flux: fused kernels and a lean pipeline",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"hiflow_fast.kernels": "kernels"},
+    package_data={"hiflow_fast": ["assets/tiny_flux/*", "assets/tiny_flux/*/*"]},
+    install_requires=[
+        "torch>=2.11,<2.14",
+        "diffusers==0.42.1",
+        "numpy>=1.26,<2.4",
+        "safetensors>=0.4",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        # Triton ships with CUDA torch builds; the pin is the version the kernels are tested on.
+        "triton": ["triton==3.6.0"],
+        "text": ["transformers>=5,<6", "accelerate"],
+        "bench": ["nvidia-ml-py", "matplotlib"],
+        "test": ["pytest", "triton==3.6.0"],
+    },
+    entry_points={"console_scripts": ["hiflow-fast=hiflow_fast.cli:main"]},
+)
