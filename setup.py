@@ -7,7 +7,7 @@ which diffusers imports.
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["hiflow_fast", "hiflow_fast.*"]) + ["hiflow_fast.kernels"]
+packages = find_packages(include=["hiflow_fast", "hiflow_fast.*"]) + ["hiflow_fast.kernels", "hiflow_fast.bench"]
 
 setup(
     name="hiflow-fast",
@@ -17,7 +17,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"hiflow_fast.kernels": "kernels"},
+    # bench/ is installed too, so that `hiflow-fast bench NAME` works from any install.
+    package_dir={"hiflow_fast.kernels": "kernels", "hiflow_fast.bench": "bench"},
     package_data={"hiflow_fast": ["assets/tiny_flux/*", "assets/tiny_flux/*/*"]},
     install_requires=[
         "torch>=2.11,<2.14",

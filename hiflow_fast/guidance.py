@@ -93,3 +93,38 @@ def guidance_step_ref(
         pred_x0=pred_x0,
         state=VelocityState(L.pack(v), L.pack(v_ref), tuple(hw)),
     )
+
+
+def guidance_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    ref_x0: torch.Tensor,
+    *,
+    hw: tuple[int, int],
+    ref_hw: tuple[int, int],
+    sigma: float,
+    sigma_next: float,
+    alpha: float,
+    beta: float,
+    structure_guidance: str = "fft",
+    filter_ratio: float = 0.2,
+    butterworth_order: int = 4,
+    state: VelocityState | None = None,
+    backend: str | None = None,
+) -> GuidanceStepOutput:
+    """One HiFlow guidance step on the chosen backend (see `guidance_step_ref` for the math)."""
+    return guidance_step_ref(
+        sample,
+        model_output,
+        ref_x0,
+        hw=hw,
+        ref_hw=ref_hw,
+        sigma=sigma,
+        sigma_next=sigma_next,
+        alpha=alpha,
+        beta=beta,
+        structure_guidance=structure_guidance,
+        filter_ratio=filter_ratio,
+        butterworth_order=butterworth_order,
+        state=state,
+    )
