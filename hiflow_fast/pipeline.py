@@ -1,0 +1,491 @@
+"""The HiFlow pipeline on diffusers' Flux components.
+
+A base stage samples at the base size; each high-resolution stage then starts from the
+previous stage's image (initialization alignment) and runs the last `steps` timesteps of the
+base schedule, guided by the previous stage's clean estimates (direction and acceleration
+alignment, `hiflow_fast.guidance`).
+
+Nothing is changed on the user's components beyond the duration of a call: the transformer's
+pos_embed and attention processors and the VAE's tiling flag are restored afterwards, the
+scheduler is only ever deep-copied, and no global RNG is read or written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from tqdm.auto import tqdm
+
+from . import latents as L
+from . import vae as V
+from .config import HiFlowConfig
+from .errors import HiFlowInputError, HiFlowModelError, NonFiniteLatentsError
+from .guidance import VelocityState, guidance_step
+from .ref.attention import duplicate_text
+from .ref.reference_flow import renoise
+from .schedule import Schedule, base_schedule
+from .transformer import patched_transformer
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class StageStart:
+    """Reported when a high-res stage has built its starting latents."""
+
+    stage: int  # 1-based high-res stage number (0 is the base stage)
+    guidance_latents: torch.Tensor  # packed, at the stage's target size
+    noised_latents: torch.Tensor  # sigma * noise + (1 - sigma) * guidance_latents
+    sigma: float
+
+
+@dataclass
+class StepEnd:
+    """Reported after every denoising step."""
+
+    stage: int
+    i: int  # step within the stage
+    timestep_index: int  # index into the base schedule
+    hw: tuple[int, int]  # latent grid of `latents` (swin-padded on even high-res steps)
+    latents: torch.Tensor  # x_{t-1}, packed
+    pred_x0: torch.Tensor  # the unguided clean estimate, packed
+
+
+@dataclass
+class HiFlowOutput:
+    images: Any  # list of PIL images, np.ndarray [B, H, W, 3], torch.Tensor [B, 3, H, W] or None
+    latents: torch.Tensor  # final packed latents, *uncropped* (on the swin-padded grid if it ended there)
+    latent_hw: tuple[int, int]
+    seed: int | None
+    stage_images: list[Any] = field(default_factory=list)  # one entry per stage, same type as `images`
+
+
+class _SharpeningSigmas:
+    """The blur sigmas of a generation, in the official draw order."""
+
+    def __init__(self, config: HiFlowConfig, seed: int | None):
+        spec = config.sharpening_sigma
+        self._values: Sequence[float] | None = None
+        self._constant: float | None = None
+        self._generator: torch.Generator | None = None
+        if isinstance(spec, str):  # "seeded"
+            if seed is None:
+                raise HiFlowInputError(
+                    "sharpening_sigma", spec, "a number or a sequence when no seed is known (pass seed=)"
+                )
+            # The official code draws U(lo, hi) from the global RNG right after
+            # torch.manual_seed(seed); a private CPU generator with that seed gives the same draws.
+            self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        elif isinstance(spec, (int, float)):
+            self._constant = float(spec)
+        else:
+            self._values = tuple(spec)
+        self._low, self._high = config.sharpening_sigma_range
+        self._count = 0
+
+    def next(self) -> float:
+        index = self._count
+        self._count += 1
+        if self._constant is not None:
+            return self._constant
+        if self._values is not None:
+            return float(self._values[index])
+        return torch.empty(1).uniform_(self._low, self._high, generator=self._generator).item()
+
+
+def _unique_seed() -> int:
+    # Not torch.seed(): that would re-seed the global RNG.
+    return secrets.randbits(63)
+
+
+class HiFlowPipeline:
+    """HiFlow on a diffusers Flux transformer, VAE and flow-matching scheduler."""
+
+    def __init__(self, transformer, vae, scheduler, *, flux_pipeline=None):
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = scheduler
+        self.flux_pipeline = flux_pipeline  # for prompt encoding and offloading, when wrapped
+        self.image_processor = VaeImageProcessor(vae_scale_factor=2 * L.VAE_DOWNSAMPLE)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        load_text_encoders: bool = True,
+    ) -> "HiFlowPipeline":
+        """Load a diffusers-format Flux folder (transformer/, vae/, scheduler/; text encoders
+        and tokenizers optional). Only local files are read (safetensors)."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        root = os.fspath(model_dir)
+        for sub in ("transformer", "vae", "scheduler"):
+            if not os.path.isdir(os.path.join(root, sub)):
+                raise HiFlowModelError(
+                    f"model folder {root!r} has no {sub}/ subfolder; expected a diffusers-format Flux "
+                    "folder with transformer/, vae/ and scheduler/"
+                )
+        try:
+            transformer = FluxTransformer2DModel.from_pretrained(
+                root, subfolder="transformer", torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True
+            )
+            vae = AutoencoderKL.from_pretrained(
+                root, subfolder="vae", torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True
+            )
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+        except Exception as exc:  # diffusers raises several types for missing/corrupt files
+            raise HiFlowModelError(f"could not load the Flux model in {root!r}: {exc}") from exc
+        transformer.to(device)
+        vae.to(device)
+        flux_pipeline = None
+        if load_text_encoders and all(
+            os.path.isdir(os.path.join(root, sub)) for sub in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        ):
+            try:
+                from diffusers import FluxPipeline
+            except ImportError as exc:  # transformers is an optional dependency
+                raise HiFlowModelError(
+                    f"{root!r} has text encoders but `transformers` is not installed: pip install 'hiflow-fast[text]'"
+                ) from exc
+            flux_pipeline = FluxPipeline.from_pretrained(
+                root, transformer=transformer, vae=vae, scheduler=scheduler, torch_dtype=torch_dtype, local_files_only=True
+            )
+            flux_pipeline.to(device)
+        return cls(transformer, vae, scheduler, flux_pipeline=flux_pipeline)
+
+    @classmethod
+    def from_flux_pipeline(cls, pipe) -> "HiFlowPipeline":
+        """Wrap an existing diffusers FluxPipeline (LoRAs, offloading and all). Its components are
+        used as they are; every change HiFlow makes to them is undone after each call."""
+        for name in ("transformer", "vae", "scheduler"):
+            if getattr(pipe, name, None) is None:
+                raise HiFlowInputError("pipe", type(pipe).__name__, f"a Flux pipeline with a {name}")
+        return cls(pipe.transformer, pipe.vae, pipe.scheduler, flux_pipeline=pipe)
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        if self.flux_pipeline is not None:
+            return self.flux_pipeline._execution_device
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def _encode_prompt(self, prompt, prompt_embeds, pooled_prompt_embeds, num_images_per_prompt, max_sequence_length):
+        device, dtype = self.device, self.dtype
+        if prompt is not None and prompt_embeds is not None:
+            raise HiFlowInputError("prompt", prompt, "either a prompt or prompt_embeds, not both")
+        if prompt is None:
+            if prompt_embeds is None or pooled_prompt_embeds is None:
+                raise HiFlowInputError(
+                    "prompt_embeds", prompt_embeds, "a prompt, or both prompt_embeds and pooled_prompt_embeds"
+                )
+            cfg = self.transformer.config
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.joint_attention_dim:
+                raise HiFlowInputError(
+                    "prompt_embeds", tuple(prompt_embeds.shape), f"shape [B, T, {cfg.joint_attention_dim}]"
+                )
+            if pooled_prompt_embeds.shape != (prompt_embeds.shape[0], cfg.pooled_projection_dim):
+                raise HiFlowInputError(
+                    "pooled_prompt_embeds",
+                    tuple(pooled_prompt_embeds.shape),
+                    f"shape [{prompt_embeds.shape[0]}, {cfg.pooled_projection_dim}]",
+                )
+            for name, t in (("prompt_embeds", prompt_embeds), ("pooled_prompt_embeds", pooled_prompt_embeds)):
+                if not bool(torch.isfinite(t).all()):
+                    raise HiFlowInputError(name, "tensor with NaN/Inf", "finite values")
+            embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+            pooled = pooled_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+            return embeds, pooled
+        if self.flux_pipeline is None or getattr(self.flux_pipeline, "text_encoder", None) is None:
+            raise HiFlowInputError(
+                "prompt", prompt, "prompt_embeds instead: this model was loaded without text encoders"
+            )
+        embeds, pooled, _ = self.flux_pipeline.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        return embeds.to(dtype), pooled.to(dtype)
+
+    def _postprocess(self, image: torch.Tensor, output_type: str):
+        return self.image_processor.postprocess(image.float(), output_type=output_type)
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        config: HiFlowConfig | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        stage_noises: Sequence[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_stage_images: bool = False,
+        backend: str | None = None,
+        attention: str | None = None,
+        callback: Callable[[StageStart | StepEnd], None] | None = None,
+        progress: bool = True,
+    ) -> HiFlowOutput:
+        """Generate with HiFlow.
+
+        Args:
+            prompt / prompt_embeds + pooled_prompt_embeds: the text condition (a prompt needs
+                text encoders).
+            config: the stage plan and every HiFlow setting (default: the official 1K->2K->4K).
+            seed: seeds a private CPU generator for all noise and the "seeded" sharpening
+                sigmas; same seed and settings, same output. `generator` may be given instead
+                (its initial seed then seeds the sharpening draws).
+            latents: the base noise, unpacked [B, C, h, w] (drawn from the generator if None).
+            stage_noises: the re-noising noise of each high-res stage, packed [B, N, 4C].
+            output_type: "pil", "np", "pt" or "latent" (no decode; `images` is None).
+            return_stage_images: also decode and return every stage's result.
+            backend: guidance backend ("ref", "triton"; default: $HIFLOW_BACKEND or automatic).
+            attention: attention backend for the high-res stages (default: $HIFLOW_ATTENTION or sdpa).
+            callback: called with a StageStart or StepEnd after each stage entry and step.
+            progress: show one progress bar per stage.
+        """
+        config = config or HiFlowConfig()
+        if output_type not in OUTPUT_TYPES:
+            raise HiFlowInputError("output_type", output_type, f"one of {', '.join(map(repr, OUTPUT_TYPES))}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise HiFlowInputError("num_images_per_prompt", num_images_per_prompt, "an integer >= 1")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise HiFlowInputError("seed", seed, "an integer from 0 to 2**63 - 1")
+        if generator is None:
+            seed = _unique_seed() if seed is None else seed
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        elif seed is None:
+            seed = generator.initial_seed()
+        sigmas_for_sharpening = _SharpeningSigmas(config, seed)
+
+        device, dtype = self.device, self.dtype
+        embeds, pooled = self._encode_prompt(
+            prompt, prompt_embeds, pooled_prompt_embeds, num_images_per_prompt, config.max_sequence_length
+        )
+        batch = embeds.shape[0]
+        channels = self.latent_channels
+        txt_ids = L.text_ids(embeds.shape[1], device=device, dtype=dtype)
+
+        base_hw = L.latent_hw(config.height, config.width)
+        schedule = base_schedule(self.scheduler, config.num_inference_steps, (base_hw[0] // 2) * (base_hw[1] // 2))
+        if stage_noises is not None and len(stage_noises) != len(config.stages):
+            raise HiFlowInputError(
+                "stage_noises", f"{len(stage_noises)} tensors", f"one tensor per high-res stage ({len(config.stages)})"
+            )
+
+        shape = (batch, channels, *base_hw)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise HiFlowInputError("latents", tuple(latents.shape), f"unpacked base noise of shape {list(shape)}")
+        L.check_finite(latents, "given as the base noise")
+        x = L.pack(latents.to(device=device, dtype=dtype))
+
+        # Clean estimates by base-schedule index: a stage reads the latest one written at its
+        # timestep. Only indices a later stage will run are kept.
+        x0_by_index: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        stage_starts = [schedule.stage_start(stage.steps) for stage in config.stages]
+        stage_images: list[Any] = []
+        proportional = config.proportional_attention or config.official_compat
+
+        with patched_transformer(self.transformer, proportional=proportional, attention=attention) as patch:
+            patch.use_base()
+            x, hw = self._run_base_stage(
+                x, base_hw, schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress
+            )
+            self._forget_unneeded(x0_by_index, stage_starts, 0)
+            L.check_finite(x, "after the base stage")
+            with V.vae_tiling(self.vae, True):  # the official pipeline tiles the VAE after the base stage
+                prev_image = None
+                for k, stage in enumerate(config.stages, start=1):
+                    size = (stage.height, stage.width)
+                    guidance, prev_image = V.guidance_latents(
+                        self.vae,
+                        x,
+                        hw,
+                        size,
+                        sigma=sigmas_for_sharpening.next(),
+                        kernel_size=config.sharpening_kernel_size,
+                        amount=config.sharpening_amount,
+                    )
+                    if return_stage_images:
+                        stage_images.append(self._finish_image(prev_image, hw, self._stage_hw(config, k - 1), config, output_type))
+                    guidance = guidance.to(dtype)
+                    start = stage_starts[k - 1]
+                    if stage_noises is not None:
+                        noise = stage_noises[k - 1].to(device=device, dtype=dtype)
+                        if noise.shape != guidance.shape:
+                            raise HiFlowInputError(
+                                f"stage_noises[{k - 1}]", tuple(noise.shape), f"packed shape {list(guidance.shape)}"
+                            )
+                    else:
+                        from diffusers.utils.torch_utils import randn_tensor
+
+                        noise = randn_tensor(guidance.shape, generator=generator, device=device, dtype=dtype)
+                    sigma_start = schedule.sigmas[start].to(device)
+                    x = renoise(guidance, noise, sigma_start).to(dtype)
+                    if callback is not None:
+                        callback(StageStart(k, guidance, x, float(sigma_start)))
+                    patch.use_highres(stage.ntk_factor)
+                    x, hw = self._run_highres_stage(
+                        k, x, stage, start, schedule, embeds, pooled, txt_ids, config, x0_by_index,
+                        sigmas_for_sharpening, backend, callback, progress,
+                    )
+                    self._forget_unneeded(x0_by_index, stage_starts, k)
+                    L.check_finite(x, f"after high-res stage {k}")
+                final_target = self._stage_hw(config, len(config.stages))
+                images = None
+                if output_type != "latent" or return_stage_images:
+                    image = V.decode(self.vae, x, hw)
+                    if return_stage_images:
+                        stage_images.append(self._finish_image(image, hw, final_target, config, output_type))
+                    if output_type != "latent":
+                        images = self._finish_image(image, hw, final_target, config, output_type)
+        return HiFlowOutput(images=images, latents=x, latent_hw=hw, seed=seed, stage_images=stage_images)
+
+    @staticmethod
+    def _stage_hw(config: HiFlowConfig, k: int) -> tuple[int, int]:
+        if k == 0:
+            return L.latent_hw(config.height, config.width)
+        stage = config.stages[k - 1]
+        return L.latent_hw(stage.height, stage.width)
+
+    def _finish_image(self, image, hw, target_hw, config: HiFlowConfig, output_type: str = "pil"):
+        """Crop a decode of the swin-padded grid back to the requested size (unless
+        official_compat), then post-process."""
+        if hw != target_hw and not config.official_compat:
+            border = (hw[0] - target_hw[0]) // 2 * L.VAE_DOWNSAMPLE
+            image = image[..., border:-border, border:-border]
+        return self._postprocess(image, "pil" if output_type == "latent" else output_type)
+
+    @staticmethod
+    def _forget_unneeded(x0_by_index: dict, stage_starts: list[int], done: int) -> None:
+        remaining = stage_starts[done:]
+        if not remaining:
+            x0_by_index.clear()
+            return
+        keep_from = min(remaining)
+        for index in [i for i in x0_by_index if i < keep_from]:
+            del x0_by_index[index]
+
+    def _transformer(self, x, t, guidance, pooled, embeds, txt_ids, img_ids):
+        timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
+        return self.transformer(
+            hidden_states=x,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+
+    def _run_base_stage(self, x, hw, schedule: Schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress):
+        device = x.device
+        img_ids = L.image_ids(*hw, device=device, dtype=x.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], config.guidance_scale, device=device, dtype=torch.float32).expand(x.shape[0])
+        timesteps = schedule.timesteps.to(device)
+        sigmas = schedule.sigmas.to(device)
+        for i in tqdm(range(schedule.num_steps), desc="base stage", disable=not progress, leave=False):
+            v = self._transformer(x, timesteps[i], guidance, pooled, embeds, txt_ids, img_ids)
+            sample = x.float()
+            pred_x0 = sample - v * sigmas[i]
+            x = (sample + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
+            x0_by_index[i] = (pred_x0, hw)
+            if callback is not None:
+                callback(StepEnd(0, i, i, hw, x, pred_x0))
+        return x, hw
+
+    def _run_highres_stage(
+        self, k, x, stage, start, schedule: Schedule, embeds, pooled, txt_ids, config: HiFlowConfig,
+        x0_by_index, sharpening_sigmas, backend, callback, progress,
+    ):
+        device = x.device
+        hw = L.latent_hw(stage.height, stage.width)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.tensor([stage.guidance_scale], device=device)
+        timesteps = schedule.timesteps.to(device)
+        state = VelocityState()
+        text_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in tqdm(range(stage.steps), desc=f"stage {k} ({stage.height}x{stage.width})", disable=not progress, leave=False):
+            index = start + i
+            if config.swin_patchify:
+                if i % 2 == 0:
+                    x = L.swin_pad_packed(x, *hw)
+                    hw = (hw[0] + 2, hw[1] + 2)
+                else:
+                    x = L.swin_crop_packed(x, *hw)
+                    hw = (hw[0] - 2, hw[1] - 2)
+            img_ids = L.image_ids(*hw, device=device, dtype=x.dtype)
+            step_embeds, step_txt_ids = embeds, txt_ids
+            if config.text_duplication:
+                if hw not in text_cache:
+                    text_cache[hw] = duplicate_text(embeds, txt_ids, hw[0] // 2, hw[1] // 2)
+                step_embeds, step_txt_ids = text_cache[hw]
+            v = self._transformer(x, timesteps[index], guidance, pooled, step_embeds, step_txt_ids, img_ids)
+            decay = (stage.steps - i) / stage.steps
+            ref_x0, ref_hw = x0_by_index[index]
+            if config.upsampling == "pixel":
+                ref_x0 = V.pixel_reference(
+                    self.vae,
+                    ref_x0,
+                    ref_hw,
+                    hw,
+                    sigma=sharpening_sigmas.next(),
+                    kernel_size=config.sharpening_kernel_size,
+                    amount=config.sharpening_amount,
+                ).float()
+                ref_hw = hw
+            out = guidance_step(
+                x,
+                v,
+                ref_x0,
+                hw=hw,
+                ref_hw=ref_hw,
+                sigma=schedule.sigma(index),
+                sigma_next=schedule.sigma(index + 1),
+                alpha=stage.alpha * decay,
+                beta=stage.beta * decay,
+                structure_guidance=config.structure_guidance,
+                filter_ratio=stage.filter_ratio,
+                butterworth_order=config.butterworth_order,
+                state=state,
+                backend=backend,
+            )
+            x, state = out.prev_sample, out.state
+            x0_by_index[index] = (out.pred_x0, hw)
+            if callback is not None:
+                callback(StepEnd(k, i, index, hw, x, out.pred_x0))
+        return x, hw
