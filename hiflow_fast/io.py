@@ -27,6 +27,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if overwrite:
             os.replace(tmp, path)
         else:
