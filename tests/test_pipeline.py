@@ -202,3 +202,24 @@ def test_prompt_embeds_shape_is_checked(tiny_pipe, tiny_prompt):
         _run(tiny_pipe, (embeds[..., :8], pooled))
     with pytest.raises(HiFlowInputError, match="pooled_prompt_embeds"):
         _run(tiny_pipe, (embeds, pooled[:, :8]))
+
+
+def test_prompt_goes_through_the_wrapped_pipelines_encoder(tiny_model_dir, tiny_prompt):
+    # Real CLIP/T5 encoders cannot be built offline here; the wrapped pipeline's encode_prompt
+    # stands in for them, and must be called with the prompt, the device and the batch size.
+    flux = _flux_pipeline(tiny_model_dir)
+    embeds, pooled = tiny_prompt
+    calls = []
+
+    def encode_prompt(prompt, prompt_2, device, num_images_per_prompt, max_sequence_length):
+        calls.append((prompt, num_images_per_prompt, max_sequence_length))
+        return embeds.repeat(num_images_per_prompt, 1, 1), pooled.repeat(num_images_per_prompt, 1), None
+
+    flux.text_encoder = object()
+    flux.encode_prompt = encode_prompt
+    pipe = HiFlowPipeline.from_flux_pipeline(flux)
+    config = SMALL.replace(stages=SMALL.stages[:1], max_sequence_length=77)
+    by_prompt = pipe("a cat", config=config, seed=3, num_images_per_prompt=2, output_type="latent", progress=False)
+    by_embeds = _run(pipe, (embeds.repeat(2, 1, 1), pooled.repeat(2, 1)), config=config, seed=3)
+    assert calls == [("a cat", 2, 77)]
+    assert torch.equal(by_prompt.latents, by_embeds.latents)
