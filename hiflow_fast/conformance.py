@@ -271,6 +271,7 @@ def run_case(
         pooled_prompt_embeds=case["pooled_prompt_embeds"],
         config=config,
         seed=int(params["seed"]) if params.get("seed") is not None else None,
+        num_images_per_prompt=int(params.get("num_images_per_prompt", 1)),
         latents=case["initial_noise"],
         stage_noises=[stage["stage_noise"] for stage in stages[1:]],
         output_type="latent",
