@@ -9,7 +9,8 @@ latents, with the three alignments of HiFlow applied:
 3. acceleration and the Euler step (see `hiflow_fast.ref.guided_velocity`).
 
 Tensors at this interface are packed [B, N, 4C], as in the official pipeline. The backend
-(`ref` or `triton`) is chosen once by `hiflow_fast.backend`.
+(`ref` or `triton`) is chosen once by `hiflow_fast.backend` (argument, then $HIFLOW_BACKEND,
+then "auto": Triton for CUDA tensors, the reference otherwise).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from . import latents as L
-from .ref.guided_velocity import guided_velocity_update
-from .ref.haar_blend import haar_lowpass_blend
+from .backend import resolve_backend
+from .errors import HiFlowInputError
+from .ref.butterworth import butterworth_lowpass_mask_rfft
+from .ref.guided_velocity import VELOCITY_EPS, guided_velocity_update
+from .ref.haar_blend import haar_lowpass, haar_lowpass_blend
 from .ref.reference_flow import latent_reference
 from .ref.spectral_blend import spectral_lowpass_blend
 
@@ -95,6 +99,268 @@ def guidance_step_ref(
     )
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GUIDANCE_KINDS = ("fft", "dwt")
+# Largest element count the Triton kernels index with 32-bit offsets.
+_MAX_KERNEL_ELEMENTS = 2**31 - 1
+
+
+def _check_grid(field: str, hw, tokens: int | None = None) -> tuple[int, int]:
+    if (
+        not isinstance(hw, (tuple, list))
+        or len(hw) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in hw)
+        or not all(s > 0 and s % 2 == 0 for s in hw)
+    ):
+        raise HiFlowInputError(field, hw, "a pair (h, w) of positive even latent sizes")
+    if tokens is not None and tokens != (hw[0] // 2) * (hw[1] // 2):
+        raise HiFlowInputError(
+            field, tuple(hw), f"a latent grid with (h/2)*(w/2) = {tokens} tokens, the packed tensor's length"
+        )
+    return int(hw[0]), int(hw[1])
+
+
+def _check_packed(field: str, t, like: torch.Tensor | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise HiFlowInputError(field, type(t).__name__, "a torch.Tensor")
+    if t.dim() != 3 or t.shape[-1] % 4 != 0 or t.shape[-1] == 0:
+        raise HiFlowInputError(f"{field}.shape", tuple(t.shape), "packed latents [B, N, 4*C]")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise HiFlowInputError(f"{field}.dtype", t.dtype, "float32, float16 or bfloat16")
+    if like is not None:
+        if t.device != like.device:
+            raise HiFlowInputError(f"{field}.device", t.device, f"the sample's device ({like.device})")
+        if t.shape[0] != like.shape[0] or t.shape[-1] != like.shape[-1]:
+            raise HiFlowInputError(
+                f"{field}.shape", tuple(t.shape), f"batch {like.shape[0]} and {like.shape[-1]} features, as the sample"
+            )
+
+
+def _check_step_inputs(sample, model_output, ref_x0, hw, ref_hw, next_hw, structure_guidance, filter_ratio,
+                       butterworth_order, state) -> tuple[int, int]:
+    """Validate the step's inputs; returns the output grid. Raises HiFlowInputError."""
+    _check_packed("sample", sample)
+    _check_packed("model_output", model_output, sample)
+    if model_output.shape != sample.shape:
+        raise HiFlowInputError("model_output.shape", tuple(model_output.shape), f"the sample's shape {tuple(sample.shape)}")
+    _check_packed("ref_x0", ref_x0, sample)
+    h, w = _check_grid("hw", hw, sample.shape[1])
+    _check_grid("ref_hw", ref_hw, ref_x0.shape[1])
+    out_hw = (h, w) if next_hw is None else _check_grid("next_hw", next_hw)
+    if abs(out_hw[0] - h) not in (0, 2) or out_hw[0] - h != out_hw[1] - w:
+        raise HiFlowInputError("next_hw", tuple(out_hw), f"{(h, w)}, {(h + 2, w + 2)} (swin pad) or {(h - 2, w - 2)} (crop)")
+    if structure_guidance not in _GUIDANCE_KINDS:
+        raise HiFlowInputError("structure_guidance", structure_guidance, "'fft' or 'dwt'")
+    if not isinstance(butterworth_order, int) or isinstance(butterworth_order, bool) or not 1 <= butterworth_order <= 16:
+        raise HiFlowInputError("butterworth_order", butterworth_order, "an integer from 1 to 16")
+    if filter_ratio < 0:
+        raise HiFlowInputError("filter_ratio", filter_ratio, "a number >= 0 (0 disables the low band)")
+    if state is not None and not isinstance(state, VelocityState):
+        raise HiFlowInputError("state", type(state).__name__, "a VelocityState or None")
+    if state is not None and state.v is not None:
+        if state.v_ref is None:
+            raise HiFlowInputError("state.v_ref", None, "a tensor whenever state.v is set")
+        sh, sw = _check_grid("state.hw", state.hw)
+        if abs(sh - h) not in (0, 2) or sh - h != sw - w:
+            raise HiFlowInputError("state.hw", tuple(state.hw), f"{(h, w)} or one swin pad/crop away from it")
+        for name, t in (("state.v", state.v), ("state.v_ref", state.v_ref)):
+            _check_packed(name, t, sample)
+            if t.shape[1] != (sh // 2) * (sw // 2):
+                raise HiFlowInputError(f"{name}.shape", tuple(t.shape), f"{(sh // 2) * (sw // 2)} tokens for state.hw={(sh, sw)}")
+    biggest = max(sample.numel(), sample.shape[0] * sample.shape[-1] * (out_hw[0] // 2) * (out_hw[1] // 2))
+    if biggest > _MAX_KERNEL_ELEMENTS:
+        raise HiFlowInputError("sample.numel()", biggest, f"at most {_MAX_KERNEL_ELEMENTS} elements (32-bit kernel indexing)")
+    return out_hw
+
+
+def _unpacked_view(packed: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Packed [B, N, 4C] as a (strided, copy-free) view [B, C, h/2, 2, w/2, 2] in unpacked order."""
+    b, _, features = packed.shape
+    return packed.view(b, hw[0] // 2, hw[1] // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+
+
+def _split(unpacked: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] (any strides) as a view [B, C, h/2, 2, w/2, 2]."""
+    b, c, h, w = unpacked.shape
+    return unpacked.view(b, c, h // 2, 2, w // 2, 2)
+
+
+# An integer dtype as wide as two elements of a float dtype: a 2x2 patch row (dx = 0, 1) moves as
+# one element, which halves the element count of the transposing copy.
+_PAIR_DTYPE = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
+
+
+def _pack_into(out: torch.Tensor, unpacked: torch.Tensor) -> torch.Tensor:
+    """Copy [B, C, h, w] (any strides) into the packed [B, (h/2)(w/2), 4C] tensor `out`, with the
+    dtype conversion folded in. Two copies: first whole row pairs are gathered ([B, h/2, C, 2, w],
+    long contiguous runs, converting the dtype), then the (dx = 0, 1) pairs are moved as single
+    wide elements into patch order. One direct 6-D permuted copy is ~3x slower on a CPU."""
+    b, c, h, w = unpacked.shape
+    rows = torch.empty((b, h // 2, c, 2, w // 2, 2), dtype=out.dtype, device=unpacked.device)
+    rows.copy_(_split(unpacked).permute(0, 2, 1, 3, 4, 5))
+    pair = _PAIR_DTYPE[out.dtype]
+    target = out.view(b, h // 2, w // 2, c, 2, 2).view(pair).squeeze(-1)  # [B, h/2, w/2, C, 2]
+    target.copy_(rows.view(pair).squeeze(-1).permute(0, 1, 4, 2, 3))
+    return out
+
+
+def _shifted(t: torch.Tensor, shift: int) -> torch.Tensor:
+    """The window of a [B, C, H, W] tensor that lines up with a grid `shift` pixels per side
+    smaller (shift=1: the interior) or the same (shift=0)."""
+    return t[..., 1:-1, 1:-1] if shift == 1 else t
+
+
+def _guidance_step_torch(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    ref_x0: torch.Tensor,
+    *,
+    hw: tuple[int, int],
+    ref_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    sigma: float,
+    sigma_next: float,
+    alpha: float,
+    beta: float,
+    structure_guidance: str,
+    filter_ratio: float,
+    butterworth_order: int,
+    state: VelocityState,
+) -> GuidanceStepOutput:
+    """The "ref" backend: the reference math (hiflow_fast.ref) arranged for the CPU.
+
+    Same operations as `guidance_step_ref`, but: packed tensors are read through strided views
+    (no unpack copies), one real FFT pair of the difference, the acceleration term as a lerp, and
+    every output computed in place on an unpacked buffer that already has the next grid's swin
+    pad ring (or is cropped by slicing), then packed once."""
+    h, w = hw
+    oh, ow = out_hw
+    sample = sample.float()
+    model_output32 = model_output.float()
+    b, _, features = sample.shape
+    channels = features // 4
+    pred_x0 = sample - model_output32 * sigma
+    x6 = _unpacked_view(sample, hw)
+
+    diff = latent_reference(ref_x0, ref_hw, hw)  # bicubic reference, fp32 [B, C, h, w]
+    _split(diff).sub_(_unpacked_view(pred_x0, hw))  # ref - x0
+    if structure_guidance == "fft":
+        mask = butterworth_lowpass_mask_rfft(h, w, filter_ratio, butterworth_order, device=diff.device) * alpha
+        spectrum = torch.fft.rfft2(diff, dim=(-2, -1))
+        spectrum.mul_(mask)
+        lowpass = torch.fft.irfft2(spectrum, s=(h, w), dim=(-2, -1))
+        del spectrum
+    else:
+        lowpass = haar_lowpass(diff).mul_(alpha)
+
+    # Output buffers on the larger of (current, next) grid; `cur` views line up with the current
+    # grid. A pad ring (next grid larger) is zero, as the official F.pad makes it.
+    grid = max(hw, out_hw)
+    pad = (grid[0] - h) // 2
+
+    def buffer() -> torch.Tensor:
+        t = torch.empty((b, channels, *grid), dtype=torch.float32, device=sample.device)
+        if pad:
+            for edge in (t[..., 0, :], t[..., -1, :], t[..., :, 0], t[..., :, -1]):
+                edge.zero_()
+        return t
+
+    v_buf, v_ref_buf, x_buf = buffer(), buffer(), buffer()
+    v, v_ref, x_next = (_shifted(t, pad) for t in (v_buf, v_ref_buf, x_buf))
+    denom = sigma + VELOCITY_EPS
+    torch.sub(x6, _unpacked_view(pred_x0, hw), out=_split(v_ref))  # x - x0
+    torch.sub(v_ref, lowpass, out=v).div_(denom)  # v = (x - (x0 + lp)) / d
+    v_ref.sub_(diff).div_(denom)  # v_ref = (x - ref) / d, ref = x0 + diff
+    del lowpass, diff
+    if state.v is not None:
+        # v <- v + beta * ((v_prev - v_ref_prev) - (v - v_ref))
+        #    = lerp(v, v_ref, beta) + beta * (v_prev - v_ref_prev)
+        sh, sw = state.hw
+        state_delta = torch.empty((b, channels, sh, sw), dtype=torch.float32, device=sample.device)
+        torch.sub(_unpacked_view(state.v.float(), state.hw), _unpacked_view(state.v_ref.float(), state.hw),
+                  out=_split(state_delta))
+        v.lerp_(v_ref, beta)
+        if sh >= h:  # the state's grid is the current one or one pad larger: crop it
+            v.add_(_shifted(state_delta, (sh - h) // 2), alpha=beta)
+        else:  # the state is one crop smaller: it covers the interior, zero (padded) outside
+            _shifted(v, 1).add_(state_delta, alpha=beta)
+    torch.add(x6, _split(v), alpha=sigma_next - sigma, out=_split(x_next))
+
+    crop = (h - oh) // 2
+    tokens = (oh // 2) * (ow // 2)
+    packed = lambda dtype: torch.empty((b, tokens, features), dtype=dtype, device=sample.device)  # noqa: E731
+    x_out = _pack_into(packed(model_output.dtype), _shifted(x_buf, crop))
+    v_out = _pack_into(packed(torch.float32), _shifted(v_buf, crop))
+    v_ref_out = _pack_into(packed(torch.float32), _shifted(v_ref_buf, crop))
+    return GuidanceStepOutput(prev_sample=x_out, pred_x0=pred_x0, state=VelocityState(v_out, v_ref_out, (oh, ow)))
+
+
+def _guidance_step_triton(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    ref_x0: torch.Tensor,
+    *,
+    hw: tuple[int, int],
+    ref_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    sigma: float,
+    sigma_next: float,
+    alpha: float,
+    beta: float,
+    structure_guidance: str,
+    filter_ratio: float,
+    butterworth_order: int,
+    state: VelocityState,
+) -> GuidanceStepOutput:
+    """The step as three fused kernels (plus torch's rfft2/irfft2 pair in "fft" mode).
+
+    Temporaries: one fp32 latent (the difference, low-passed in place) and, in "fft" mode, its
+    rfft2 spectrum. Outputs: x_next (on out_hw), pred_x0 (fp32, current grid), v and v_ref (fp32
+    on out_hw; the incoming state's buffers are reused when they are already on out_hw)."""
+    ops = torch.ops.hiflow_fast
+    sample = sample.contiguous()
+    model_output = model_output.contiguous()
+    ref_x0 = ref_x0.contiguous()
+    b, _, features = sample.shape
+    channels = features // 4
+    h, w = hw
+    oh, ow = out_hw
+    f32 = dict(dtype=torch.float32, device=sample.device)
+    pred_x0 = torch.empty(sample.shape, **f32)
+    diff = torch.empty((b, channels, h, w), **f32)
+    ops.reference_flow(sample, model_output, ref_x0, ref_hw[0], ref_hw[1], sigma, pred_x0, diff)
+    if structure_guidance == "fft":
+        ops.spectral_lowpass_blend(diff, filter_ratio, butterworth_order, alpha)
+    else:
+        ops.haar_lowpass_blend(diff, alpha)
+
+    out_shape = (b, (oh // 2) * (ow // 2), features)
+    x_next = torch.empty(out_shape, dtype=model_output.dtype, device=sample.device)
+    v_prev = v_ref_prev = None
+    state_h, state_w = out_hw
+    if state.v is None:
+        prev_mode = 0
+        v, v_ref = torch.empty(out_shape, **f32), torch.empty(out_shape, **f32)
+    elif (
+        tuple(state.hw) == tuple(out_hw)
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (state.v, state.v_ref))
+        and state.v is not state.v_ref
+    ):
+        prev_mode = 2  # update the state's own buffers in place
+        v, v_ref = state.v, state.v_ref
+    else:
+        prev_mode = 1
+        v_prev, v_ref_prev = state.v.contiguous(), state.v_ref.contiguous()
+        state_h, state_w = state.hw
+        v, v_ref = torch.empty(out_shape, **f32), torch.empty(out_shape, **f32)
+    ops.guided_velocity(
+        sample, pred_x0, diff, ref_x0, v_prev, v_ref_prev,
+        ref_hw[0], ref_hw[1], state_h, state_w, oh, ow,
+        sigma, sigma_next, beta, prev_mode, x_next, v, v_ref,
+    )
+    return GuidanceStepOutput(prev_sample=x_next, pred_x0=pred_x0, state=VelocityState(v, v_ref, (oh, ow)))
+
+
 def guidance_step(
     sample: torch.Tensor,
     model_output: torch.Tensor,
@@ -111,20 +377,39 @@ def guidance_step(
     butterworth_order: int = 4,
     state: VelocityState | None = None,
     backend: str | None = None,
+    next_hw: tuple[int, int] | None = None,
 ) -> GuidanceStepOutput:
-    """One HiFlow guidance step on the chosen backend (see `guidance_step_ref` for the math)."""
-    return guidance_step_ref(
-        sample,
-        model_output,
-        ref_x0,
-        hw=hw,
-        ref_hw=ref_hw,
-        sigma=sigma,
-        sigma_next=sigma_next,
-        alpha=alpha,
-        beta=beta,
-        structure_guidance=structure_guidance,
-        filter_ratio=filter_ratio,
-        butterworth_order=butterworth_order,
-        state=state,
+    """One HiFlow guidance step on the chosen backend (see `guidance_step_ref` for the math).
+
+    sample, model_output: packed [B, N, 4C] on the latent grid `hw`; ref_x0: the previous stage's
+    packed x0 on `ref_hw`; state: the previous step's VelocityState (any grid one swin pad/crop
+    away) or None on a stage's first step. backend: "triton", "ref", "auto" or None
+    ($HIFLOW_BACKEND, else "auto"). next_hw: the grid the *next* step runs on (hw, or hw +- 2
+    with swin patchify); prev_sample and the returned state are written straight on it, so the
+    caller needs no pad or crop. Default: hw (the official layout: the caller pads/crops).
+
+    With the triton backend the incoming state's buffers are updated in place when they are
+    fp32, contiguous and already on next_hw (the returned state then holds the same tensors).
+    Bad input raises HiFlowInputError.
+    """
+    out_hw = _check_step_inputs(sample, model_output, ref_x0, hw, ref_hw, next_hw, structure_guidance,
+                                filter_ratio, butterworth_order, state)
+    hw = (int(hw[0]), int(hw[1]))
+    ref_hw = (int(ref_hw[0]), int(ref_hw[1]))
+    state = state or VelocityState()
+    kwargs = dict(
+        hw=hw, ref_hw=ref_hw, sigma=sigma, sigma_next=sigma_next, alpha=alpha, beta=beta,
+        structure_guidance=structure_guidance, filter_ratio=filter_ratio,
+        butterworth_order=butterworth_order, state=state,
     )
+    if resolve_backend(backend, device=sample.device) == "triton":
+        return _guidance_step_triton(sample, model_output, ref_x0, out_hw=out_hw, **kwargs)
+    if torch.compiler.is_compiling():
+        # Under torch.compile the plain composition is the better input: Inductor fuses it, and
+        # the eager path's strided `out=` writes are not traceable.
+        out = guidance_step_ref(sample, model_output, ref_x0, **kwargs)
+        if out_hw == hw:
+            return out
+        move = L.swin_pad_packed if out_hw[0] > hw[0] else L.swin_crop_packed
+        return GuidanceStepOutput(move(out.prev_sample, *hw), out.pred_x0, out.state.to_grid(out_hw))
+    return _guidance_step_torch(sample, model_output, ref_x0, out_hw=out_hw, **kwargs)
