@@ -1,0 +1,439 @@
+"""Benchmark of the Flux transformer at 1K/2K/4K token counts: stock diffusers vs HiFlow's
+reference path vs the fast path, plus the attention backends.
+
+    python -m hiflow_fast.bench.bench_transformer --device cuda --json out.json
+    python -m hiflow_fast.bench.bench_transformer --device cpu --quick
+    hiflow-fast bench transformer --device cuda --sizes 4k --full
+
+Model: one double-stream and one single-stream block at FLUX.1-dev width (hidden 3072, 24 heads
+x 128, axes 16/56/56, 512 text tokens) with random weights, in --dtype (bf16 by default). Token
+counts of the targets: 1k = 4096, 2k = 16384, 4k = 65536 image tokens (+ 512 text). --quick
+shrinks everything (4 heads x 32, 64 text tokens, 256/1024 image tokens) for a CPU smoke run.
+
+Paths, each timed block by block (the block inputs are fresh copies per call, since the fast
+blocks update them in place):
+
+* stock: diffusers as shipped (float64 RoPE tables, q/k upcast to fp32 for the rotation, SDPA);
+* hiflow-ref: hiflow_fast.transformer.patched_transformer (HiFlowAttnProcessor, proportional
+  scale, NTK RoPE tables) -- the official HiFlow processor's work;
+* fast-tables: the fast blocks (chunked MLPs, in-place residuals) with RoPE tables, i.e. without
+  the fused q/k norm + RoPE: fast-tables vs fast isolates what the fused kernel saves;
+* fast: hiflow_fast.fast_transformer (fused hiflow_fast::qk_norm_rope, --attention backend).
+
+Per path and size: median/min/max seconds of the double and the single block, their TFLOP/s as
+a fraction of the bf16 (CPU: fp32) matmul rate measured in the same run, their peak extra
+memory, and the whole-step estimate 19 x double + 38 x single (+ the RoPE embedding) against
+the FLOP floor (FLOPs / matmul rate). FLOPs per block: 24 d^2 L (projections and MLP) +
+4 d L^2 (attention), L = text + image tokens, d = 3072.
+
+Attention: every registered backend that can run here (SDPA flash / cuDNN / efficient, ours,
+diffusers' flash-attn / FA3 / sage if installed) on [1, L, 24, 128] q, k, v with the
+proportional scale; TFLOP/s and the ratio of ours to the fastest SDPA kernel. sdpa-math is
+skipped beyond 8k tokens (it materialises L^2 scores).
+
+--full (GPU): the whole 19 + 38 block transformer with random weights, peak activation memory
+(peak allocated minus the weights) of one forward for stock and fast. --compile: also the fast
+path through torch.compile + CUDA graphs (warm-up seconds per captured shape reported).
+
+Timing, memory and JSON records come from bench/common.py (the shared harness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hiflow_fast.bench.common import (
+    Timing,
+    make_record,
+    markdown_table,
+    measure_time,
+    peak_extra_bytes,
+    run_environment,
+    write_json,
+)
+
+BENCH_NAME = "transformer"
+# Image tokens of a 1K/2K/4K target: (side / 16)^2.
+SIZES = {"1k": 4096, "2k": 16384, "4k": 65536}
+QUICK_SIZES = {"q256": 256, "q1k": 1024}
+FLUX = dict(heads=24, head_dim=128, axes=(16, 56, 56), text=512, joint_dim=4096, pooled=768, in_channels=64)
+QUICK = dict(heads=4, head_dim=32, axes=(8, 12, 12), text=64, joint_dim=64, pooled=32, in_channels=64)
+DOUBLE_BLOCKS, SINGLE_BLOCKS = 19, 38
+PATHS = ("stock", "hiflow-ref", "fast-tables", "fast")
+NTK_FACTOR = 4.0  # a 4K stage's NTK factor; any value costs the same
+MATH_MAX_TOKENS = 8192
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---- model and inputs ---------------------------------------------------------------------
+
+
+def build_model(device, dtype, dims, double=1, single=1, seed=0):
+    """FluxTransformer2DModel with `double` + `single` blocks and random weights, created
+    directly in `dtype` on `device` (no fp32 copy of the weights)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(
+                patch_size=1,
+                in_channels=dims["in_channels"],
+                num_layers=double,
+                num_single_layers=single,
+                attention_head_dim=dims["head_dim"],
+                num_attention_heads=dims["heads"],
+                joint_attention_dim=dims["joint_dim"],
+                pooled_projection_dim=dims["pooled"],
+                guidance_embeds=True,
+                axes_dims_rope=tuple(dims["axes"]),
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def block_pair(device, dtype, heads=24, head_dim=128, seed=0):
+    """One double + one single block at the given width (Flux defaults), random weights."""
+    dims = dict(FLUX, heads=heads, head_dim=head_dim)
+    if heads * head_dim != 3072:
+        dims["axes"] = (head_dim - 2 * (head_dim * 7 // 16), head_dim * 7 // 16, head_dim * 7 // 16)
+    return build_model(device, dtype, dims, seed=seed)
+
+
+def model_inputs(model, image_tokens: int, text_tokens: int, device, dtype, seed=0):
+    side = int(math.isqrt(image_tokens))
+    rows, cols = side, image_tokens // side
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    cfg = model.config
+    kwargs = dict(
+        hidden_states=torch.randn(1, rows * cols, cfg.in_channels, generator=gen),
+        encoder_hidden_states=torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=gen),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=ids.reshape(-1, 3),
+        txt_ids=torch.zeros(text_tokens, 3),
+    )
+    return {k: v.to(device, dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype) for k, v in kwargs.items()}
+
+
+def block_inputs(model, inputs):
+    """(hidden, encoder, temb) as the transformer's forward hands them to its first block."""
+    with torch.no_grad():
+        hidden = model.x_embedder(inputs["hidden_states"])
+        temb = model.time_text_embed(
+            inputs["timestep"].to(hidden.dtype) * 1000, inputs["guidance"].to(hidden.dtype) * 1000, inputs["pooled_projections"]
+        )
+        encoder = model.context_embedder(inputs["encoder_hidden_states"])
+    return hidden, encoder, temb
+
+
+class PathContext:
+    """Enter one path's patch on the model (stock: nothing)."""
+
+    def __init__(self, model, path: str, attention: str | None, kernels: str | None, **fast_kwargs):
+        self.model, self.path, self.attention, self.kernels, self.fast_kwargs = model, path, attention, kernels, fast_kwargs
+        self._cm = None
+        self.patch = None
+
+    def __enter__(self):
+        if self.path == "stock":
+            return self
+        if self.path == "hiflow-ref":
+            from hiflow_fast.transformer import patched_transformer
+
+            self._cm = patched_transformer(self.model)
+        else:
+            from hiflow_fast.fast_transformer import fast_transformer
+
+            self._cm = fast_transformer(self.model, attention=self.attention, kernels=self.kernels, **self.fast_kwargs)
+        self.patch = self._cm.__enter__()
+        self.patch.use_highres(NTK_FACTOR)
+        if self.path == "fast-tables":
+            self.patch.pos_embed.fused = False
+        return self
+
+    def __exit__(self, *exc):
+        if self._cm is not None:
+            return self._cm.__exit__(*exc)
+        return False
+
+
+def forward_fn(model, path: str, image_tokens: int, text_tokens: int, *, attention=None, kernels=None):
+    """A zero-argument callable running one double + one single block on `path` (for the GPU
+    memory test): it enters the path's patch, runs, and leaves it."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = model_inputs(model, image_tokens, text_tokens, device, dtype)
+
+    def fn():
+        with PathContext(model, path, attention, kernels), torch.no_grad():
+            return model(**inputs, return_dict=False)[0]
+
+    return fn
+
+
+def peak_activation_bytes(fn, device) -> int | None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return peak_extra_bytes(fn, device)
+
+
+# ---- FLOPs and the matmul rate ------------------------------------------------------------
+
+
+def block_flops(hidden: int, tokens: int) -> float:
+    """24 d^2 L (q, k, v, out projections + 4x MLP, both block kinds) + 4 d L^2 (attention)."""
+    return 24.0 * hidden**2 * tokens + 4.0 * hidden * tokens**2
+
+
+def attention_flops(tokens: int, heads: int, head_dim: int) -> float:
+    return 4.0 * tokens**2 * heads * head_dim
+
+
+def matmul_rate(device, dtype, quick: bool) -> float:
+    """Measured FLOP/s of one square matmul in `dtype` (CPU: fp32)."""
+    n = 1024 if quick or device.type == "cpu" else 8192
+    dtype = dtype if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing = measure_time(lambda: a @ b, device, repeats=5, warmup=2)
+    return 2.0 * n**3 / timing.median_s
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+
+
+def time_blocks(model, path, inputs, device, repeats, attention, kernels, chunk_tokens, warmup=1):
+    """Timings and peaks of the double block, the single block and the RoPE embedding."""
+    hidden, encoder, temb = block_inputs(model, inputs)
+    ids = torch.cat([inputs["txt_ids"], inputs["img_ids"]], dim=0)
+    results = {}
+    with PathContext(model, path, attention, kernels, chunk_tokens=chunk_tokens), torch.no_grad():
+        rope = model.pos_embed(ids)
+        double, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
+
+        def run_double():
+            return double(hidden_states=hidden.clone(), encoder_hidden_states=encoder.clone(), temb=temb, image_rotary_emb=rope)
+
+        def run_single():
+            return single(hidden_states=hidden.clone(), encoder_hidden_states=encoder.clone(), temb=temb, image_rotary_emb=rope)
+
+        for name, fn in (("double", run_double), ("single", run_single), ("rope", lambda: model.pos_embed(ids))):
+            timing = measure_time(fn, device, repeats=repeats, warmup=warmup)
+            peak = peak_activation_bytes(fn, device) if name != "rope" else None
+            results[name] = (timing, peak)
+    return results
+
+
+def time_attention(backends, tokens, dims, device, dtype, repeats, warmup=1):
+    from hiflow_fast.attention_backends import backend_info, get_attention_backend
+    from hiflow_fast.errors import HiFlowInputError
+    from hiflow_fast.ref.attention import proportional_attention_scale
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = (1, tokens, dims["heads"], dims["head_dim"])
+    q, k, v = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
+    scale = proportional_attention_scale(tokens, dims["head_dim"])
+    out = {}
+    for name in backends:
+        if name == "sdpa-math" and tokens > MATH_MAX_TOKENS:
+            continue
+        if name == "triton" and device.type == "cpu" and tokens > 2048:
+            continue  # the interpreter: correctness, not speed
+        try:
+            _, fn = get_attention_backend(name)
+            backend_info(name).check(q, k, v)
+        except HiFlowInputError:
+            continue
+        out[name] = measure_time(lambda fn=fn: fn(q, k, v, scale), device, repeats=repeats, warmup=warmup)
+    return out
+
+
+def full_forward_peaks(device, dtype, image_tokens, dims, paths, attention, kernels, chunk_tokens):
+    """Peak activation memory of one whole-transformer forward (19 + 38 blocks)."""
+    model = build_model(device, dtype, dims, double=DOUBLE_BLOCKS, single=SINGLE_BLOCKS)
+    inputs = model_inputs(model, image_tokens, dims["text"], device, dtype)
+    peaks = {}
+    for path in paths:
+        with PathContext(model, path, attention, kernels, chunk_tokens=chunk_tokens), torch.no_grad():
+            peaks[path] = peak_activation_bytes(lambda: model(**inputs, return_dict=False)[0], device)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return peaks
+
+
+def compiled_pair(model, inputs, device, repeats, attention, kernels, chunk_tokens, swin_inputs):
+    """The fast path through torch.compile + CUDA graphs on the block pair: median seconds of
+    one forward and the warm-up seconds of each captured shape."""
+    from hiflow_fast.fast_transformer import fast_transformer
+
+    with fast_transformer(
+        model, attention=attention, kernels=kernels, chunk_tokens=chunk_tokens, compile=True
+    ) as patch, torch.no_grad():
+        patch.use_highres(NTK_FACTOR)
+        start = time.perf_counter()
+        for x in (inputs, swin_inputs):
+            model(**x, return_dict=False)
+        warmup_s = time.perf_counter() - start
+        timing = measure_time(lambda: model(**inputs, return_dict=False), device, repeats=repeats, warmup=1)
+        return timing, warmup_s, patch.graph_stats()
+
+
+def fmt_bytes(n):
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hiflow-fast bench transformer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run)")
+    parser.add_argument("--sizes", default=None, help="comma list of 1k, 2k, 4k or image-token counts")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 (fp32 on CPU)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma list of {', '.join(PATHS)}")
+    parser.add_argument("--attention", default=None, help="attention backend of the fast path (default: registry's)")
+    parser.add_argument("--kernels", default=None, help="fused-op kernels of the fast path: auto, triton, ref")
+    parser.add_argument("--chunk-tokens", type=int, default=8192, help="MLP chunk of the fast path (tokens)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (CPU; the GPU timer warms up itself)")
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention backend table")
+    parser.add_argument("--full", action="store_true", help="whole-transformer peak memory (19 + 38 blocks; GPU)")
+    parser.add_argument("--compile", action="store_true", help="also time the fast path compiled + CUDA graphs (GPU)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    bad = [p for p in paths if p not in PATHS]
+    if bad:
+        print(f"--paths: {bad[0]!r} is not one of {', '.join(PATHS)}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dims = QUICK if args.quick else FLUX
+    sizes = QUICK_SIZES if args.quick else SIZES
+    if args.sizes:
+        chosen = {}
+        for item in args.sizes.split(","):
+            item = item.strip()
+            if item in sizes or item in SIZES:
+                chosen[item] = sizes.get(item, SIZES.get(item))
+            elif item.isdigit():
+                chosen[item] = int(item)
+            else:
+                print(f"--sizes: {item!r} is not 1k, 2k, 4k or a token count", file=sys.stderr)
+                return 2
+        sizes = chosen
+    hidden = dims["heads"] * dims["head_dim"]
+    repeats = max(1, args.repeats)
+    if device.type == "cpu" and not args.quick and not args.sizes:
+        print("note: FLUX.1-dev width on a CPU is slow; --quick runs tiny sizes", file=sys.stderr)
+
+    environment = run_environment(device)
+    rate = matmul_rate(device, dtype, args.quick)
+    print(f"device: {environment['device_name']}; measured matmul rate {rate / 1e12:.2f} TFLOP/s ({dtype if device.type == 'cuda' else torch.float32})")
+    from hiflow_fast.attention_backends import available_backends
+
+    model = build_model(device, dtype, dims)
+    records, block_rows, step_rows, attn_rows = [], [], [], []
+    for label, image_tokens in sizes.items():
+        tokens = image_tokens + dims["text"]
+        inputs = model_inputs(model, image_tokens, dims["text"], device, dtype)
+        flops = block_flops(hidden, tokens)
+        step_flops = (DOUBLE_BLOCKS + SINGLE_BLOCKS) * flops
+        floor_s = step_flops / rate
+        side = 2 * int(math.isqrt(image_tokens))
+        extra_common = dict(image_tokens=image_tokens, text_tokens=dims["text"], hidden=hidden, dtype=str(dtype),
+                            matmul_flops_per_s=rate, quick=args.quick)
+        for path in paths:
+            try:
+                res = time_blocks(model, path, inputs, device, repeats, args.attention, args.kernels, args.chunk_tokens, args.warmup)
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {label} {path}: out of memory")
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            (t_d, p_d), (t_s, p_s), (t_r, _) = res["double"], res["single"], res["rope"]
+            step_s = DOUBLE_BLOCKS * t_d.median_s + SINGLE_BLOCKS * t_s.median_s + t_r.median_s
+            for block, timing, peak in (("double", t_d, p_d), ("single", t_s, p_s)):
+                fraction = flops / timing.median_s / rate
+                records.append(make_record(f"{BENCH_NAME}.{block}_block", device, (side, side), path, timing, peak,
+                                           environment, flops=flops, fraction_of_matmul=fraction, **extra_common))
+                block_rows.append({"size": label, "tokens": tokens, "block": block, "path": path,
+                                   "median_ms": timing.median_s * 1e3, "TFLOP/s": flops / timing.median_s / 1e12,
+                                   "of_matmul": fraction, "peak": fmt_bytes(peak)})
+            step_timing = Timing(step_s, step_s, step_s, 1)
+            records.append(make_record(f"{BENCH_NAME}.step_estimate", device, (side, side), path, step_timing, max(filter(None, [p_d, p_s]), default=None),
+                                       environment, flops=step_flops, floor_s=floor_s, of_floor=step_s / floor_s,
+                                       rope_s=t_r.median_s, **extra_common))
+            step_rows.append({"size": label, "path": path, "step_s": step_s, "floor_s": floor_s,
+                              "x_floor": step_s / floor_s, "peak_block": fmt_bytes(max(filter(None, [p_d, p_s]), default=None))})
+            print(f"  {label} {path}: double {t_d.median_s * 1e3:.1f} ms, single {t_s.median_s * 1e3:.1f} ms, "
+                  f"step ~{step_s:.3f} s = {step_s / floor_s:.2f}x floor, peaks {fmt_bytes(p_d)} / {fmt_bytes(p_s)}")
+            gc.collect()
+
+        if not args.no_attention:
+            timings = time_attention(available_backends(), tokens, dims, device, dtype, repeats, args.warmup)
+            fl = attention_flops(tokens, dims["heads"], dims["head_dim"])
+            sdpa_best = min((t.median_s for n, t in timings.items() if n.startswith("sdpa")), default=None)
+            for name, timing in timings.items():
+                ratio = timing.median_s / sdpa_best if sdpa_best else None
+                records.append(make_record(f"{BENCH_NAME}.attention", device, (side, side), name, timing, None, environment,
+                                           flops=fl, fraction_of_matmul=fl / timing.median_s / rate,
+                                           vs_fastest_sdpa=ratio, heads=dims["heads"], head_dim=dims["head_dim"], **extra_common))
+                attn_rows.append({"size": label, "tokens": tokens, "backend": name, "median_ms": timing.median_s * 1e3,
+                                  "TFLOP/s": fl / timing.median_s / 1e12, "of_matmul": fl / timing.median_s / rate,
+                                  "vs_fastest_sdpa": ratio})
+
+        if args.compile and device.type == "cuda":
+            swin = model_inputs(model, (int(math.isqrt(image_tokens)) + 1) ** 2, dims["text"], device, dtype, seed=1)
+            timing, warm_s, stats = compiled_pair(model, inputs, device, repeats, args.attention, args.kernels, args.chunk_tokens, swin)
+            records.append(make_record(f"{BENCH_NAME}.pair_compiled", device, (side, side), "fast-compiled", timing, None,
+                                       environment, warmup_s=warm_s, graphs=stats, **extra_common))
+            print(f"  {label} fast compiled + graphs: pair {timing.median_s * 1e3:.1f} ms, warm-up {warm_s:.1f} s {stats}")
+
+        if args.full and device.type == "cuda":
+            full_paths = [p for p in ("stock", "fast") if p in paths]
+            peaks = full_forward_peaks(device, dtype, image_tokens, dims, full_paths, args.attention, args.kernels, args.chunk_tokens)
+            for path, peak in peaks.items():
+                records.append(make_record(f"{BENCH_NAME}.full_forward_peak", device, (side, side), path,
+                                           Timing(float("nan"), float("nan"), float("nan"), 0), peak, environment, **extra_common))
+                print(f"  {label} full forward ({DOUBLE_BLOCKS}+{SINGLE_BLOCKS} blocks) {path}: peak activations {fmt_bytes(peak)}")
+
+    tables = [
+        markdown_table(block_rows, [(h, h) for h in ("size", "tokens", "block", "path", "median_ms", "TFLOP/s", "of_matmul", "peak")]),
+        markdown_table(step_rows, [(h, h) for h in ("size", "path", "step_s", "floor_s", "x_floor", "peak_block")]),
+    ]
+    if attn_rows:
+        tables.append(markdown_table(attn_rows, [(h, h) for h in ("size", "tokens", "backend", "median_ms", "TFLOP/s", "of_matmul", "vs_fastest_sdpa")]))
+    text = "\n\n".join(tables)
+    print(text)
+    if args.json:
+        write_json(args.json, records)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

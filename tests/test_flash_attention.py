@@ -1,0 +1,146 @@
+"""hiflow_fast::flash_attention (kernels/flash_attention.py) against the fp32 reference.
+
+Without CUDA the kernel runs through Triton's interpreter (TRITON_INTERPRET=1, conftest):
+short sequences; explicit small blocks force several K/V blocks and partial tails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hiflow_fast.errors import HiFlowInputError
+from hiflow_fast.kernels.flash_attention import launch_flash_attention
+from hiflow_fast.ops.flash_attention import RopeSpec, flash_attention
+from hiflow_fast.ref.attention import attention, proportional_attention_scale
+from hiflow_fast.ref.rope import apply_rope, ntk_rope_cos_sin
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter turns loop bounds into numpy arrays; harmless, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def qkv(batch, seq_q, seq_k, heads, head_dim, seed, dtype=torch.float32, spread=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_q, heads, head_dim, generator=gen) * spread
+    k = torch.randn(batch, seq_k, heads, head_dim, generator=gen) * spread
+    v = torch.randn(batch, seq_k, heads, head_dim, generator=gen)
+    return (t.to(DEVICE, dtype) for t in (q, k, v))
+
+
+def sdpa(q, k, v, scale):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+# (batch, seq_q, seq_k, heads, head_dim, block_m, block_n)
+CASES = [
+    (2, 77, 131, 3, 16, 32, 32),  # odd lengths, cross lengths, batch > 1, 5 K blocks + tail
+    (1, 45, 45, 2, 24, 16, 16),  # non-power-of-2 head dim (padded to 32)
+    (1, 33, 70, 2, 72, 16, 32),  # non-power-of-2 head dim (padded to 128)
+    (1, 40, 64, 2, 128, 32, 64),  # FLUX.1-dev head, K exactly one block
+    (1, 17, 23, 1, 256, 16, 16),  # the widest head
+]
+
+
+@pytest.mark.parametrize("batch,seq_q,seq_k,heads,head_dim,block_m,block_n", CASES)
+def test_fp32_matches_reference_with_poisoned_output(batch, seq_q, seq_k, heads, head_dim, block_m, block_n):
+    q, k, v = qkv(batch, seq_q, seq_k, heads, head_dim, seed=seq_q + head_dim)
+    scale = proportional_attention_scale(seq_k, head_dim) * 1.7  # any scale
+    out = torch.full_like(q, float("nan"))
+    launch_flash_attention(q, k, v, out, scale, block_m=block_m, block_n=block_n)
+    assert not out.isnan().any()
+    assert rel_l2(out, attention(q, k, v, scale)) < 1e-5
+
+
+def test_op_default_blocks_and_default_scale():
+    q, k, v = qkv(2, 70, 70, 2, 16, seed=1)
+    assert rel_l2(flash_attention(q, k, v), attention(q, k, v, 1 / math.sqrt(16))) < 1e-5
+
+
+def test_strided_views_of_a_packed_qkv():
+    gen = torch.Generator().manual_seed(4)
+    packed = torch.randn(2, 50, 3, 2, 32, generator=gen).to(DEVICE)  # [B, S, 3, H, D]
+    q, k, v = packed.unbind(2)
+    assert not q.is_contiguous()
+    assert rel_l2(flash_attention(q, k, v, 0.3), attention(q, k, v, 0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_twice_torch_error(dtype):
+    q32, k32, v32 = qkv(2, 150, 150, 2, 64, seed=8, spread=1.5)
+    q, k, v = q32.to(dtype), k32.to(dtype), v32.to(dtype)
+    scale = proportional_attention_scale(150, 64)
+    oracle = attention(q.float(), k.float(), v.float(), scale)
+    got = flash_attention(q, k, v, scale)
+    assert got.dtype == dtype
+    assert rel_l2(got, oracle) <= 2 * rel_l2(sdpa(q, k, v, scale), oracle)
+
+
+def _ids(seq_len, n_txt, max_pos, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(seq_len, 3)
+    ids[n_txt:, 1:] = torch.randint(0, max_pos, (seq_len - n_txt, 2), generator=gen).float()
+    return ids.to(DEVICE)
+
+
+def test_rope_on_load_matches_rotating_first():
+    """RoPE applied to q/k tiles in the kernel (fp32 angles) = rotate with the float64 tables,
+    then attend; positions of a 2K grid (up to 130), NTK 2."""
+    axes = (4, 6, 6)
+    q, k, v = qkv(2, 61, 61, 2, 16, seed=12)
+    ids = _ids(61, 5, 130, seed=12)
+    cos, sin = ntk_rope_cos_sin(ids, axes, 10000.0, 2.0)
+    want = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 0.4)
+    got = flash_attention(q, k, v, 0.4, rope=RopeSpec(ids, axes, 20000.0))
+    # fp32 angles: position x 1 ulp (~1e-5 rad), not fp32-exact.
+    assert rel_l2(got, want) < 2e-5
+    out = torch.full_like(q, float("nan"))
+    launch_flash_attention(q, k, v, out, 0.4, ids, (2, 3, 3), math.log2(20000.0), block_m=16, block_n=16)
+    assert rel_l2(out, want) < 2e-5
+
+
+def test_compiled_fullgraph_equals_eager():
+    q, k, v = qkv(1, 40, 40, 2, 16, seed=2)
+
+    def fn(q, k, v):
+        return flash_attention(q * 1.0, k, v, 0.3) + 1.0
+
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v), fn(q, k, v))
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (dict(q=torch.zeros(1, 4, 2, 8)), "head_dim"),
+        (dict(q=torch.zeros(1, 4, 2, 16, dtype=torch.float64)), "q.dtype"),
+        (dict(v=torch.zeros(1, 5, 2, 16)), "v.shape"),
+        (dict(k=torch.zeros(1, 4, 3, 16), v=torch.zeros(1, 4, 3, 16)), "k.shape"),
+        (dict(q=torch.zeros(1, 4, 16)), "q.shape"),
+        (dict(k=torch.zeros(1, 4, 2, 32)[..., ::2], v=torch.zeros(1, 4, 2, 16)), "k.stride(-1)"),
+    ],
+)
+def test_bad_input_names_the_field(change, field):
+    args = dict(q=torch.zeros(1, 4, 2, 16), k=torch.zeros(1, 4, 2, 16), v=torch.zeros(1, 4, 2, 16))
+    args.update(change)
+    args = {key: value.to(DEVICE) for key, value in args.items()}
+    with pytest.raises(HiFlowInputError) as info:
+        flash_attention(**args)
+    assert info.value.field == field
+
+
+def test_bad_rope_names_the_field():
+    q = torch.zeros(1, 4, 2, 16, device=DEVICE)
+    with pytest.raises(HiFlowInputError) as info:
+        flash_attention(q, q, q, rope=RopeSpec(torch.zeros(4, 3, device=DEVICE), (4, 4, 4)))
+    assert info.value.field == "rope.axes_dim"
+    with pytest.raises(HiFlowInputError) as info:
+        flash_attention(q, q, q, rope=RopeSpec(torch.zeros(5, 3, device=DEVICE), (4, 6, 6)))
+    assert info.value.field == "rope.ids.shape"
