@@ -168,6 +168,7 @@ def _generate(args) -> int:
         return_stage_images=args.save_stages,
         backend=args.backend,
         attention=args.attention,
+        compile=args.compile,
         progress=not args.quiet,
     )
     metadata = {
@@ -220,6 +221,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--backend", help="guidance backend: ref or triton (default: $HIFLOW_BACKEND or automatic)")
     p.add_argument("--attention", help="attention backend (default: $HIFLOW_ATTENTION or sdpa)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (+ CUDA graphs on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no summary line")
     p.set_defaults(run=_generate)
 

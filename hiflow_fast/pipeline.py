@@ -30,7 +30,7 @@ from .guidance import VelocityState, guidance_step
 from .ref.attention import duplicate_text
 from .ref.reference_flow import renoise
 from .schedule import Schedule, base_schedule
-from .transformer import patched_transformer
+from .fast_transformer import fast_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +249,7 @@ class HiFlowPipeline:
         return_stage_images: bool = False,
         backend: str | None = None,
         attention: str | None = None,
+        compile: bool = False,
         callback: Callable[[StageStart | StepEnd], None] | None = None,
         progress: bool = True,
     ) -> HiFlowOutput:
@@ -265,8 +266,11 @@ class HiFlowPipeline:
             stage_noises: the re-noising noise of each high-res stage, packed [B, N, 4C].
             output_type: "pil", "np", "pt" or "latent" (no decode; `images` is None).
             return_stage_images: also decode and return every stage's result.
-            backend: guidance backend ("ref", "triton"; default: $HIFLOW_BACKEND or automatic).
+            backend: kernel backend of the guidance step and the fused q/k norm + RoPE ("ref",
+                "triton"; default: $HIFLOW_BACKEND or automatic: Triton on a GPU).
             attention: attention backend for the high-res stages (default: $HIFLOW_ATTENTION or sdpa).
+            compile: torch.compile the transformer (fullgraph) and, on CUDA, capture one CUDA
+                graph per stage and swin shape. Same latents as eager, after a warm-up.
             callback: called with a StageStart or StepEnd after each stage entry and step.
             progress: show one progress bar per stage.
         """
@@ -316,7 +320,9 @@ class HiFlowPipeline:
         stage_images: list[Any] = []
         proportional = config.proportional_attention or config.official_compat
 
-        with patched_transformer(self.transformer, proportional=proportional, attention=attention) as patch:
+        with fast_transformer(
+            self.transformer, proportional=proportional, attention=attention, kernels=backend, compile=compile
+        ) as patch:
             patch.use_base()
             x, hw = self._run_base_stage(
                 x, base_hw, schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress

@@ -100,10 +100,14 @@ def test_stage_entry_and_renoising(golden, tiny_pipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ref"])
-def test_public_case_end_to_end(golden, tiny_pipe, backend):
+@pytest.mark.parametrize(
+    "backend, attention",
+    [("ref", "sdpa"), ("triton", "triton")],  # Triton kernels through the CPU interpreter here
+    ids=["ref-sdpa", "triton-triton"],
+)
+def test_public_case_end_to_end(golden, tiny_pipe, backend, attention):
     case, params, _ = golden
-    checks, final = run_case(case, params, tiny_pipe, backend=backend)
+    checks, final = run_case(case, params, tiny_pipe, backend=backend, attention=attention)
     failed = [(c.name, c.error) for c in checks if not c.ok]
     assert not failed
     chained = [c for c in checks if "chained" in c.name]
