@@ -40,7 +40,8 @@ SLICES_PER_PROGRAM = 4
 def _centred_coordinate(f, n):
     """2 * ((f + n // 2) mod n) / n - 1 in fp32: the official centred coordinate of bin f."""
     centred = (f + n // 2) % n
-    return 2.0 * centred.to(tl.float32) / n.to(tl.float32) - 1.0
+    # (tensor / n promotes n to fp32; no n.to(): Triton passes a size of 1 as a constexpr.)
+    return 2.0 * centred.to(tl.float32) / n - 1.0
 
 
 @triton.jit

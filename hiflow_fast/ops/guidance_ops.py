@@ -121,7 +121,10 @@ def spectral_lowpass_blend(diff: torch.Tensor, ratio: float, order: int, alpha: 
     (one real FFT pair; the mask is evaluated inside the kernel). diff: contiguous fp32."""
     h, w = diff.shape[-2], diff.shape[-1]
     slices = diff.numel() // (h * w)
-    spectrum = torch.fft.rfft2(diff, dim=(-2, -1))
+    # The spectrum lives in a real (re, im) base buffer that the kernel mutates; the FFTs see it
+    # through a complex view (so under torch.compile the kernel mutates a base, not a view).
+    spectrum = torch.empty((*diff.shape[:-1], w // 2 + 1, 2), dtype=torch.float32, device=diff.device)
+    torch.fft.rfft2(diff, dim=(-2, -1), out=torch.view_as_complex(spectrum))
     # ratio == 0 means "no low band": the mask is 0 everywhere (1 / ratio^2 would be inf and
     # d = 0 would give 0 * inf = NaN), so scale by 0 instead.
     no_band = ratio <= 0.0
@@ -131,7 +134,7 @@ def spectral_lowpass_blend(diff: torch.Tensor, ratio: float, order: int, alpha: 
     block = _block(bins, SPECTRAL_BLOCK)
     grid = (triton.cdiv(bins, block), triton.cdiv(slices, SLICES_PER_PROGRAM))
     wrap_triton(spectral_lowpass_kernel)[grid](
-        torch.view_as_real(spectrum),
+        spectrum,
         slices,
         h,
         w,
@@ -141,7 +144,7 @@ def spectral_lowpass_blend(diff: torch.Tensor, ratio: float, order: int, alpha: 
         BLOCK=block,
         SLICES=SLICES_PER_PROGRAM,
     )
-    torch.fft.irfft2(spectrum, s=(h, w), dim=(-2, -1), out=diff)
+    torch.fft.irfft2(torch.view_as_complex(spectrum), s=(h, w), dim=(-2, -1), out=diff)
 
 
 @kernel_op("hiflow_fast::haar_lowpass_blend", mutates_args={"diff"})
