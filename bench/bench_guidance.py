@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1k,2k,4k", help="comma list of 1k, 2k, 4k or latent sides")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per path and size (default 5)")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma list of official, ref, fused")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own); 1 avoids OpenMP barrier stalls on a busy machine")
     parser.add_argument("--fused-cpu-max", type=int, default=128,
                         help="on the CPU, time the fused path (Triton interpreter) only up to this latent side")
     args = parser.parse_args(argv)
@@ -195,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         if p not in PATHS:
             print(f"--paths: {p!r} is not one of {', '.join(PATHS)}", file=sys.stderr)
             return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"--threads: {args.threads} is not allowed: a positive integer", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     environment = run_environment(device)
     bandwidth = copy_bandwidth(device)
@@ -222,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 channels=CHANNELS, batch=1, ref_hw=list(inputs["ref_hw"]), next_hw=list(inputs["next_hw"]),
                 dtype="float32", bytes_floor=floor_bytes, floor_s=floor_s,
                 floor_fraction=floor_s / timing.median_s, copy_bandwidth_bytes_per_s=bandwidth,
-                interpreter=bool(path == "fused" and device.type == "cpu"),
+                interpreter=bool(path == "fused" and device.type == "cpu"), cpu_threads=torch.get_num_threads(),
             )
             records.append(record)
             row[f"{path}_s"] = timing.median_s

@@ -174,12 +174,6 @@ def _check_step_inputs(sample, model_output, ref_x0, hw, ref_hw, next_hw, struct
     return out_hw
 
 
-def _unpacked_view(packed: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Packed [B, N, 4C] as a (strided, copy-free) view [B, C, h/2, 2, w/2, 2] in unpacked order."""
-    b, _, features = packed.shape
-    return packed.view(b, hw[0] // 2, hw[1] // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-
-
 def _split(unpacked: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] (any strides) as a view [B, C, h/2, 2, w/2, 2]."""
     b, c, h, w = unpacked.shape
@@ -189,6 +183,17 @@ def _split(unpacked: torch.Tensor) -> torch.Tensor:
 # An integer dtype as wide as two elements of a float dtype: a 2x2 patch row (dx = 0, 1) moves as
 # one element, which halves the element count of the transposing copy.
 _PAIR_DTYPE = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
+
+
+def _unpack_into(out: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Copy packed [B, (h/2)(w/2), 4C] (contiguous, out's dtype) into the contiguous [B, C, h, w]
+    tensor `out`, the (dx = 0, 1) pairs moved as single wide elements: ~2x faster on a CPU than a
+    6-D permuted copy, and faster than reading the packed tensor through a strided view."""
+    b, c, h, w = out.shape
+    pair = _PAIR_DTYPE[out.dtype]
+    source = packed.view(b, h // 2, w // 2, c, 2, 2).view(pair).squeeze(-1)  # [B, h/2, w/2, C, dy]
+    out.view(b, c, h // 2, 2, w // 2, 2).view(pair).squeeze(-1).copy_(source.permute(0, 3, 1, 4, 2))
+    return out
 
 
 def _pack_into(out: torch.Tensor, unpacked: torch.Tensor) -> torch.Tensor:
@@ -281,10 +286,11 @@ def _guidance_step_torch(
     channels = features // 4
     denom = sigma + VELOCITY_EPS
     pred_x0 = torch.add(sample, model_output, alpha=-sigma)  # x0 = x - sigma * v_model
-    x6 = _unpacked_view(sample, hw)
+    # One unpacked scratch latent, refilled for each packed input the unpacked math needs.
+    work = torch.empty((b, channels, h, w), dtype=torch.float32, device=sample.device)
 
     diff = _reference_upsample(ref_x0, ref_hw, hw)  # bicubic reference, fp32 [B, C, h, w]
-    _split(diff).sub_(_unpacked_view(pred_x0, hw))  # ref - x0
+    diff.sub_(_unpack_into(work, pred_x0))  # ref - x0
     # lowpass = alpha * LP(ref - x0) / d: the velocity's 1 / (sigma + 1e-6) folded into the
     # (small) mask or the Haar result instead of two more full passes.
     if structure_guidance == "fft":
@@ -311,7 +317,7 @@ def _guidance_step_torch(
     v_buf, v_ref_buf, x_buf = buffer(), buffer(), buffer()
     v, v_ref, x_next = (_shifted(t, pad) for t in (v_buf, v_ref_buf, x_buf))
     # (x - x0) / d = sigma * v_model / d (equal to rounding), read once through a strided view.
-    torch.mul(_unpacked_view(model_output, hw), sigma / denom, out=_split(v_ref))
+    torch.mul(_unpack_into(work, model_output.float().contiguous()), sigma / denom, out=v_ref)
     torch.sub(v_ref, lowpass, out=v)  # v = (x - (x0 + alpha * LP)) / d
     v_ref.sub_(diff, alpha=1.0 / denom)  # v_ref = (x - ref) / d, ref = x0 + diff
     del lowpass, diff
@@ -319,15 +325,14 @@ def _guidance_step_torch(
         # v <- v + beta * ((v_prev - v_ref_prev) - (v - v_ref))
         #    = lerp(v, v_ref, beta) + beta * (v_prev - v_ref_prev)
         sh, sw = state.hw
-        state_delta = torch.empty((b, channels, sh, sw), dtype=torch.float32, device=sample.device)
-        torch.sub(_unpacked_view(state.v.float(), state.hw), _unpacked_view(state.v_ref.float(), state.hw),
-                  out=_split(state_delta))
+        state_delta = work if (sh, sw) == (h, w) else torch.empty((b, channels, sh, sw), dtype=torch.float32, device=sample.device)
+        _unpack_into(state_delta, (state.v.float() - state.v_ref.float()).contiguous())
         v.lerp_(v_ref, beta)
         if sh >= h:  # the state's grid is the current one or one pad larger: crop it
             v.add_(_shifted(state_delta, (sh - h) // 2), alpha=beta)
         else:  # the state is one crop smaller: it covers the interior, zero (padded) outside
             _shifted(v, 1).add_(state_delta, alpha=beta)
-    torch.add(x6, _split(v), alpha=sigma_next - sigma, out=_split(x_next))
+    torch.add(_unpack_into(work, sample.contiguous()), v, alpha=sigma_next - sigma, out=x_next)
 
     crop = (h - oh) // 2
     tokens = (oh // 2) * (ow // 2)
