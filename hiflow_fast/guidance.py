@@ -314,9 +314,9 @@ def _guidance_step_torch(
                 edge.zero_()
         return t
 
-    v_buf, v_ref_buf, x_buf = buffer(), buffer(), buffer()
-    v, v_ref, x_next = (_shifted(t, pad) for t in (v_buf, v_ref_buf, x_buf))
-    # (x - x0) / d = sigma * v_model / d (equal to rounding), read once through a strided view.
+    v_buf, v_ref_buf = buffer(), buffer()
+    v, v_ref = _shifted(v_buf, pad), _shifted(v_ref_buf, pad)
+    # (x - x0) / d = sigma * v_model / d (equal to rounding).
     torch.mul(_unpack_into(work, model_output.float().contiguous()), sigma / denom, out=v_ref)
     torch.sub(v_ref, lowpass, out=v)  # v = (x - (x0 + alpha * LP)) / d
     v_ref.sub_(diff, alpha=1.0 / denom)  # v_ref = (x - ref) / d, ref = x0 + diff
@@ -332,14 +332,18 @@ def _guidance_step_torch(
             v.add_(_shifted(state_delta, (sh - h) // 2), alpha=beta)
         else:  # the state is one crop smaller: it covers the interior, zero (padded) outside
             _shifted(v, 1).add_(state_delta, alpha=beta)
-    torch.add(_unpack_into(work, sample.contiguous()), v, alpha=sigma_next - sigma, out=x_next)
 
     crop = (h - oh) // 2
     tokens = (oh // 2) * (ow // 2)
     packed = lambda dtype: torch.empty((b, tokens, features), dtype=dtype, device=sample.device)  # noqa: E731
-    x_out = _pack_into(packed(model_output.dtype), _shifted(x_buf, crop))
     v_out = _pack_into(packed(torch.float32), _shifted(v_buf, crop))
     v_ref_out = _pack_into(packed(torch.float32), _shifted(v_ref_buf, crop))
+    if out_hw == hw:  # same grid: the Euler step directly on the packed tensors
+        x_out = torch.add(sample, v_out, alpha=sigma_next - sigma).to(model_output.dtype)
+    else:
+        x_buf = buffer()
+        torch.add(_unpack_into(work, sample.contiguous()), v, alpha=sigma_next - sigma, out=_shifted(x_buf, pad))
+        x_out = _pack_into(packed(model_output.dtype), _shifted(x_buf, crop))
     return GuidanceStepOutput(prev_sample=x_out, pred_x0=pred_x0, state=VelocityState(v_out, v_ref_out, (oh, ow)))
 
 
