@@ -1,0 +1,286 @@
+"""Smoke tests of the benchmarks: every benchmark at its smallest CPU size (seconds each), the
+records it writes, and the pieces the benchmarks' numbers rest on (FLOP counts, the official
+baseline doing the same work as the pipeline, the stage extrapolation). No timing assertions:
+speed is measured in bench/, never asserted here."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from hiflow_fast.bench import bench_all
+from hiflow_fast.bench import flux_shapes as fs
+
+# Keys every record of every benchmark carries (bench/common.py's make_record and ours).
+COMMON_KEYS = {"name", "device", "path", "median_s", "min_s", "max_s", "peak_bytes", "versions", "commit", "device_name"}
+# Keys of the records of the benchmarks of this suite (e2e, vae) and of merged `bench all` output.
+FLOOR_KEYS = {"floor_s", "fraction_of_floor", "flops", "matmul_rate_flops", "copy_bandwidth_bytes_per_s"}
+E2E_KEYS = COMMON_KEYS | FLOOR_KEYS | {"plan", "plan_spec", "stage", "model", "dtype", "estimated", "text_encoding_timed"}
+VAE_KEYS = COMMON_KEYS | FLOOR_KEYS | {"op", "size", "is_baseline", "tile_pixels"}
+
+
+def _run(name: str, tmp_path, *extra: str) -> list[dict]:
+    module = importlib.import_module(f"hiflow_fast.bench.bench_{name}")
+    out = tmp_path / f"{name}.json"
+    status = module.main(["--device", "cpu", *bench_all.suite_args(name, "cpu", smoke=True), *extra, "--json", str(out)])
+    assert status == 0
+    records = json.loads(out.read_text())
+    assert records, f"bench {name} wrote no records"
+    return records
+
+
+# ---- each benchmark at its smallest size ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in bench_all.available_benchmarks() if n != "e2e"])
+def test_benchmark_runs_at_smoke_size(name, tmp_path):
+    if not bench_all.SUITE.get(name, bench_all.SuiteEntry(name)).smoke:
+        pytest.skip(f"bench {name} has no smoke arguments in bench_all.SUITE yet")
+    records = _run(name, tmp_path)
+    for record in records:
+        missing = COMMON_KEYS - set(record)
+        assert not missing, f"{name} record lacks {sorted(missing)}"
+        assert record["device"] == "cpu"
+        assert record["versions"]["torch"] == torch.__version__
+    if name == "vae":
+        for record in records:
+            assert not VAE_KEYS - set(record)
+            assert record["floor_s"] > 0 and record["fraction_of_floor"] > 0
+        assert {r["path"] for r in records} == {"tiled", "untiled"}
+        assert {r["op"] for r in records} == {"decode", "encode"}
+
+
+def test_bench_all_runs_e2e_and_merges(tmp_path):
+    """`bench all --smoke --only e2e`: the cascade benchmark through the suite runner, merged
+    JSON and markdown, both paths, every stage, CPU labelled as CPU."""
+    json_path, md_path = tmp_path / "all.json", tmp_path / "all.md"
+    status = bench_all.main(["--device", "cpu", "--smoke", "--only", "e2e", "--json", str(json_path), "--markdown", str(md_path)])
+    assert status == 0
+    records = json.loads(json_path.read_text())
+    for record in records:
+        assert not E2E_KEYS - set(record), sorted(E2E_KEYS - set(record))
+        assert record["text_encoding_timed"] is False
+        assert record["median_s"] > 0 and record["floor_s"] > 0
+    assert {r["path"] for r in records} == {"ours", "official"}
+    assert {r["stage"] for r in records} == {"base", "stage1", "decode", "total"}
+    ours_total = next(r for r in records if r["path"] == "ours" and r["stage"] == "total")
+    assert ours_total["official_over_ours"] > 0
+    markdown = md_path.read_text()
+    assert "CPU" in markdown and "not GPU results" in markdown
+    assert "text encoding is not timed" in markdown
+    assert "official / ours" in markdown
+
+
+def test_outputs_are_never_overwritten_without_flag(tmp_path, capsys):
+    existing = tmp_path / "e2e.json"
+    existing.write_text("[]")
+    from hiflow_fast.bench import bench_e2e
+
+    status = bench_e2e.main(["--device", "cpu", "--model", "tiny", "--plans", "tiny", "--json", str(existing)])
+    assert status == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert existing.read_text() == "[]"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--plans", "nonsense"],
+        ["--plans", "64x2>100x1"],  # 100 px is not a multiple of 16
+        ["--paths", "ours,fast"],
+        ["--repeats", "0"],
+        ["--model", "huge"],
+    ],
+)
+def test_e2e_rejects_bad_arguments(argv, capsys):
+    from hiflow_fast.bench import bench_e2e
+
+    try:
+        status = bench_e2e.main(["--device", "cpu", *argv])
+    except SystemExit as exc:  # argparse's own choices
+        status = exc.code
+    assert status == 2
+    assert capsys.readouterr().err
+
+
+def test_vae_rejects_bad_sizes(capsys):
+    from hiflow_fast.bench import bench_vae
+
+    assert bench_vae.main(["--device", "cpu", "--sizes", "100"]) == 2
+    assert "--sizes" in capsys.readouterr().err
+
+
+# ---- what the numbers rest on --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, tokens", [("full", (4096, 512)), ("reduced", (1089, 64))])
+def test_transformer_flops_match_torch_flop_counter(size, tokens):
+    """The analytic count (57 (24 d^2 L + 4 d L^2) + embedders for FLUX.1-dev) equals what
+    torch.utils.flop_counter counts on the meta device."""
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = fs.MODEL_SIZES[size].transformer
+    image, text = tokens
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+        inputs = dict(
+            hidden_states=torch.empty(1, image, config["in_channels"]),
+            encoder_hidden_states=torch.empty(1, text, config["joint_attention_dim"]),
+            pooled_projections=torch.empty(1, config["pooled_projection_dim"]),
+            timestep=torch.ones(1), guidance=torch.ones(1),
+            img_ids=torch.zeros(image, 3), txt_ids=torch.zeros(text, 3),
+        )
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs, return_dict=False)
+    assert fs.transformer_step_flops(config, image, text) == counter.get_total_flops()
+
+
+def test_flux_dev_flops_are_the_design_numbers():
+    """DESIGN.md: ~74 TFLOP per step at 1024^2, ~3.9 PFLOP at 4096^2, ~49 PFLOP for the official
+    cascade; the 2K cascade ~8.9 PFLOP (issue 5)."""
+    from hiflow_fast.bench.bench_e2e import PLANS, plan_phases
+
+    cfg = fs.FLUX_DEV_TRANSFORMER
+    assert fs.transformer_step_flops(cfg, 4096, 512) == pytest.approx(74.4e12, rel=0.01)
+    assert fs.transformer_step_flops(cfg, 65536, 512) == pytest.approx(3.9e15, rel=0.02)
+    size = fs.MODEL_SIZES["full"]
+    for plan, expected in (("official", 49e15), ("2k", 8.9e15)):
+        phases = plan_phases(PLANS[plan], size, weight_bytes=0)
+        total = sum(p.flops for stage in phases.values() for p in stage)
+        assert total == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_vae_flops_match_torch_flop_counter(tiled):
+    """Tiled counts (summed over diffusers' tiles) equal a FlopCounterMode run of the tiled VAE."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = fs.MODEL_SIZES["tiny"].vae
+    height, width = 160, 96  # tiles of 64 px: uneven edge tiles in both directions
+    with torch.device("meta"):
+        vae = AutoencoderKL(**config)
+    vae.use_tiling = tiled
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as decode:
+            vae.decode(torch.empty(1, 16, height // 8, width // 8, device="meta"))
+        with FlopCounterMode(display=False) as encode:
+            vae.encode(torch.empty(1, 3, height, width, device="meta")).latent_dist.mode()
+    assert fs.vae_flops(config, "decode", height, width, tiled=tiled) == decode.get_total_flops()
+    assert fs.vae_flops(config, "encode", height, width, tiled=tiled) == encode.get_total_flops()
+
+
+def test_random_models_have_flux_shapes_and_stay_finite():
+    full = fs.parameter_count(fs.FLUX_DEV_TRANSFORMER)
+    assert full == pytest.approx(11.9e9, rel=0.01)  # FLUX.1-dev's transformer
+    size = fs.model_size("tiny")
+    transformer = fs.build_transformer(size, dtype=torch.bfloat16)
+    vae = fs.build_vae(size, dtype=torch.bfloat16)
+    assert transformer.dtype == torch.bfloat16 and not any(p.is_meta for p in transformer.parameters())
+    assert vae.config.scaling_factor == 0.3611 and vae.config.shift_factor == 0.1159
+    embeds, pooled = fs.random_prompt(size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = transformer(
+            hidden_states=torch.randn(1, 64, 64, dtype=torch.bfloat16), encoder_hidden_states=embeds,
+            pooled_projections=pooled, timestep=torch.ones(1), guidance=torch.full([1], 3.5),
+            img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(embeds.shape[1], 3), return_dict=False,
+        )[0]
+        image = vae.decode(torch.randn(1, 16, 16, 16, dtype=torch.bfloat16), return_dict=False)[0]
+    assert torch.isfinite(out).all() and torch.isfinite(image).all()
+
+
+def test_official_baseline_does_the_same_work_as_the_pipeline():
+    """Same model, plan, prompt and noises: the official-way baseline and HiFlowPipeline give the
+    same final latents (fp32), so the e2e benchmark compares equal work."""
+    from hiflow_fast import HiFlowConfig, HiFlowPipeline, HiResStage
+    from hiflow_fast.bench.bench_e2e import make_noises
+    from hiflow_fast.bench.official_baseline import OfficialWayPipeline
+
+    size = fs.model_size("tiny")
+    transformer, vae, scheduler = fs.build_transformer(size), fs.build_vae(size), fs.flux_scheduler()
+    embeds, pooled = fs.random_prompt(size)
+    # Odd step count: the second stage ends on the swin-padded grid.
+    config = HiFlowConfig(height=64, width=64, num_inference_steps=3, sharpening_sigma=1.0,
+                          stages=(HiResStage(96, 96, 2), HiResStage(128, 128, 3, alpha=0.25)))
+    base, stages = make_noises(config, 16, 0, "cpu", torch.float32)
+    kwargs = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, config=config, latents=base, stage_noises=stages)
+    ours = HiFlowPipeline(transformer, vae, scheduler)(**kwargs, seed=0, output_type="latent", progress=False)
+    official = OfficialWayPipeline(transformer, vae, scheduler)(**kwargs, output_type="latent")
+    assert ours.latent_hw == official.latent_hw == (18, 18)
+    rel = (ours.latents - official.latents).norm() / ours.latents.norm()
+    assert rel < 1e-5
+    # The baseline leaves the shared model as it found it.
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    assert all(type(p) is FluxAttnProcessor for p in transformer.attn_processors.values())
+    assert vae.use_tiling is False
+
+
+def test_official_mask_loop_matches_the_reference_mask():
+    from hiflow_fast.bench.official_baseline import official_butterworth_mask
+    from hiflow_fast.ref.butterworth import butterworth_lowpass_mask
+
+    mask = official_butterworth_mask((1, 2, 10, 12), 0.2, 4, "cpu")
+    assert torch.equal(mask[0, 1], butterworth_lowpass_mask(10, 12, 0.2, 4))
+
+
+def test_stage_extrapolation():
+    from hiflow_fast.bench.bench_e2e import StageTimes, stage_seconds
+
+    # All steps ran: the measured sum.
+    assert stage_seconds(StageTimes(1.0, [2.0, 3.0], None), 2, alternating=True) == 6.0
+    # Two of ten swin steps: five padded (even) at 2 s and five plain (odd) at 3 s.
+    assert stage_seconds(StageTimes(1.0, [2.0, 3.0], None), 10, alternating=True) == 1.0 + 5 * 2.0 + 5 * 3.0
+    # Odd count: one more even step.
+    assert stage_seconds(StageTimes(0.0, [2.0, 3.0], None), 3, alternating=True) == 2 * 2.0 + 3.0
+    assert stage_seconds(StageTimes(0.0, [2.0, 4.0], None), 30, alternating=False) == 30 * 3.0
+
+
+def test_sampled_plan_and_custom_plans():
+    from hiflow_fast.bench.bench_e2e import PLANS, parse_plans
+
+    sampled = PLANS["official"].sampled(2)
+    assert sampled.base == (1024, 1024, 2) and sampled.stages == ((2048, 2048, 2), (4096, 4096, 2))
+    sampled.config()  # a valid HiFlowConfig
+    (plan,) = parse_plans("1024x30>2048x1536x16")
+    assert plan.base == (1024, 1024, 30) and plan.stages == ((2048, 1536, 16),)
+
+
+def test_normalise_record_maps_other_benchmarks_floor_names():
+    guidance = bench_all.normalise_record({"floor_fraction": 0.5, "latent_hw": [128, 128]})
+    assert guidance["fraction_of_floor"] == 0.5 and guidance["label"] == "128x128"
+    transformer = bench_all.normalise_record({"fraction_of_matmul": 0.25, "flops": 10.0, "matmul_flops_per_s": 5.0})
+    assert transformer["fraction_of_floor"] == 0.25 and transformer["floor_s"] == 2.0
+
+
+def test_nvml_degrades_without_gpu():
+    assert bench_all.nvml_snapshot("cpu") is None
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
+    import sys
+
+    from hiflow_fast.bench.plot import plot_records
+    from hiflow_fast.errors import HiFlowInputError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(HiFlowInputError, match="matplotlib"):
+        plot_records([{"name": "x", "path": "p", "median_s": 1.0}], tmp_path / "p.png")
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hiflow_fast.bench.plot import plot_records
+
+    records = [
+        {"name": "e2e", "path": "ours", "label": "tiny:total", "median_s": 1.0, "min_s": 0.9, "max_s": 1.1, "device": "cpu"},
+        {"name": "e2e", "path": "official", "label": "tiny:total", "median_s": 2.0, "device": "cpu"},
+        {"name": "vae", "path": "tiled", "label": "decode 64x64", "median_s": 0.5, "device": "cpu", "skipped": None},
+    ]
+    out = tmp_path / "p.png"
+    plot_records(records, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
