@@ -243,8 +243,8 @@ def available_benchmarks() -> list[str]:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark", description="Run a benchmark: hiflow-fast bench NAME [options].")
-    p.add_argument("name", help="guidance, transformer, ... (hiflow-fast bench NAME --help for its options)")
+    p = sub.add_parser("bench", help="run the benchmarks", description="Run a benchmark: hiflow-fast bench [NAME] [options].")
+    p.add_argument("name", nargs="?", default="all", help="all (default), guidance, transformer, vae or e2e (NAME --help: its options)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(run=_bench)
 

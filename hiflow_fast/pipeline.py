@@ -445,15 +445,27 @@ class HiFlowPipeline:
         timesteps = schedule.timesteps.to(device)
         state = VelocityState()
         text_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        target_hw = hw
+
+        def grid(i: int) -> tuple[int, int]:
+            # Swin patchify: even steps run on the grid padded by one latent pixel per side.
+            padded = config.swin_patchify and i % 2 == 0
+            return (target_hw[0] + 2, target_hw[1] + 2) if padded else target_hw
+
+        # The step kernel writes its output straight onto the next step's grid. A callback
+        # wants each step's latents on that step's own grid (as the official code reports
+        # them), so then the move is a separate copy; pad and crop are exact either way.
+        fold_swin_moves = callback is None
+        if grid(0) != hw:
+            x = L.swin_pad_packed(x, *hw)
         for i in tqdm(range(stage.steps), desc=f"stage {k} ({stage.height}x{stage.width})", disable=not progress, leave=False):
             index = start + i
-            if config.swin_patchify:
-                if i % 2 == 0:
-                    x = L.swin_pad_packed(x, *hw)
-                    hw = (hw[0] + 2, hw[1] + 2)
-                else:
-                    x = L.swin_crop_packed(x, *hw)
-                    hw = (hw[0] - 2, hw[1] - 2)
+            hw = grid(i)
+            if not fold_swin_moves and i > 0 and grid(i - 1) != hw:
+                previous = grid(i - 1)
+                move = L.swin_pad_packed if hw[0] > previous[0] else L.swin_crop_packed
+                x = move(x, *previous)
+            next_hw = grid(i + 1) if fold_swin_moves and i + 1 < stage.steps else hw
             img_ids = L.image_ids(*hw, device=device, dtype=x.dtype)
             step_embeds, step_txt_ids = embeds, txt_ids
             if config.text_duplication:
@@ -489,6 +501,7 @@ class HiFlowPipeline:
                 butterworth_order=config.butterworth_order,
                 state=state,
                 backend=backend,
+                next_hw=next_hw,
             )
             x, state = out.prev_sample, out.state
             x0_by_index[index] = (out.pred_x0, hw)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hiflow_fast import HiFlowConfig, HiFlowInputError, HiFlowPipeline, HiResStage, NonFiniteLatentsError
+from hiflow_fast.pipeline import StepEnd
 
 # A small plan: 128 px base (8x8 tokens), two high-res stages, swin on, odd last stage.
 SMALL = HiFlowConfig(
@@ -223,3 +224,15 @@ def test_prompt_goes_through_the_wrapped_pipelines_encoder(tiny_model_dir, tiny_
     by_embeds = _run(pipe, (embeds.repeat(2, 1, 1), pooled.repeat(2, 1)), config=config, seed=3)
     assert calls == [("a cat", 2, 77)]
     assert torch.equal(by_prompt.latents, by_embeds.latents)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_folded_swin_moves_equal_separate_copies(tiny_pipe, tiny_prompt, backend):
+    # Without a callback the step writes straight onto the next swin grid; with one, the
+    # pad/crop is a separate copy. Both are exact, so the latents must be identical.
+    config = SMALL.replace(stages=(HiResStage(192, 192, 3),))
+    folded = _run(tiny_pipe, tiny_prompt, config=config, backend=backend)
+    seen = []
+    separate = _run(tiny_pipe, tiny_prompt, config=config, backend=backend, callback=lambda e: seen.append(e))
+    assert torch.equal(folded.latents, separate.latents)
+    assert [e.hw for e in seen if isinstance(e, StepEnd) and e.stage == 1] == [(26, 26), (24, 24), (26, 26)]
