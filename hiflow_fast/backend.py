@@ -23,22 +23,18 @@ from .errors import HiFlowInputError
 
 ENV_VAR = "HIFLOW_BACKEND"
 BACKENDS = ("auto", "triton", "ref")
-_KERNEL_MODULES = (
-    "hiflow_fast.kernels.reference_flow",
-    "hiflow_fast.kernels.spectral_lowpass_blend",
-    "hiflow_fast.kernels.haar_lowpass_blend",
-    "hiflow_fast.kernels.guided_velocity",
-)
+# Every Triton kernel of the package lives under this module prefix (kernels/ is installed there).
+_KERNEL_PACKAGE = "hiflow_fast.kernels."
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _normalise(requested: str | None) -> tuple[str, str]:
+def _normalise(requested: str | None, field: str = "backend") -> tuple[str, str]:
     """(backend name, where it came from) after applying the argument > env > default order."""
     if requested is not None:
-        source, value = "backend", requested
+        source, value = field, requested
     elif os.environ.get(ENV_VAR):
         source, value = ENV_VAR, os.environ[ENV_VAR]
     else:
@@ -48,7 +44,7 @@ def _normalise(requested: str | None) -> tuple[str, str]:
     return value.strip().lower(), source
 
 
-def resolve_backend(requested: str | None, *, device: torch.device | str | None = None) -> str:
+def resolve_backend(requested: str | None, *, device: torch.device | str | None = None, field: str = "backend") -> str:
     """Return "triton" or "ref" for a request ("auto", "triton", "ref" or None = $HIFLOW_BACKEND
     or "auto"). `device` (optional) is where the tensors live: "auto" picks Triton only for
     CUDA tensors (or, with no device given, when CUDA is available).
@@ -56,12 +52,12 @@ def resolve_backend(requested: str | None, *, device: torch.device | str | None 
     Under torch.compile the answer is a trace-time constant (no graph break, nothing on the
     compiled hot path)."""
     device_type = torch.device(device).type if device is not None else None
-    return _resolve(requested, device_type)
+    return _resolve(requested, device_type, field)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(requested: str | None, device_type: str | None) -> str:
-    name, source = _normalise(requested)
+def _resolve(requested: str | None, device_type: str | None, field: str) -> str:
+    name, source = _normalise(requested, field)
     if name == "ref":
         return "ref"
     if name == "auto":
@@ -84,12 +80,21 @@ def load_triton_ops(*, interpret: bool | None = None):
     imported yet, and an error names the fix if they were imported compiled."""
     if interpret is None:
         interpret = not torch.cuda.is_available()
-    if interpret and os.environ.get("TRITON_INTERPRET") != "1":
-        if any(name in sys.modules for name in _KERNEL_MODULES):
-            raise HiFlowInputError(
-                "TRITON_INTERPRET",
-                os.environ.get("TRITON_INTERPRET"),
-                "'1' before hiflow_fast's kernels are imported, to run the triton backend on CPU",
-            )
-        os.environ["TRITON_INTERPRET"] = "1"
+    if interpret:
+        use_triton_interpreter()
     return importlib.import_module("hiflow_fast.ops.guidance_ops")
+
+
+def use_triton_interpreter() -> None:
+    """Switch Triton to its CPU interpreter. That is decided when a kernel is *defined*, so it
+    must happen before any of the package's kernel modules is imported; if one already was,
+    compiled, say how to fix it instead of silently running compiled kernels."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if any(name.startswith(_KERNEL_PACKAGE) for name in sys.modules):
+        raise HiFlowInputError(
+            "TRITON_INTERPRET",
+            os.environ.get("TRITON_INTERPRET"),
+            "'1' before hiflow_fast's kernels are imported, to run the triton backend on CPU",
+        )
+    os.environ["TRITON_INTERPRET"] = "1"

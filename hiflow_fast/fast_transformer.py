@@ -39,8 +39,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
-import sys
 import time
 import types
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .backend import resolve_backend
 from .errors import HiFlowInputError
 from .ref.attention import proportional_attention_scale
 from .ref.rope import ntk_rope_cos_sin
@@ -56,8 +55,6 @@ from .transformer import HiFlowAttnProcessor, NTKFluxPosEmbed
 
 logger = logging.getLogger(__name__)
 
-KERNELS_ENV_VAR = "HIFLOW_BACKEND"
-KERNEL_CHOICES = ("auto", "triton", "ref")
 # Tokens per chunk of the MLPs: 8192 x 12288 bf16 = 200 MB per intermediate at Flux width,
 # large enough that every chunk's GEMMs still saturate an H100.
 DEFAULT_CHUNK_TOKENS = 8192
@@ -101,42 +98,14 @@ class FastNTKFluxPosEmbed(NTKFluxPosEmbed):
 
 # ---- kernel choice for the fused norm + RoPE ----------------------------------------------
 
-_KERNEL_MODULES = ("hiflow_fast.kernels.qk_norm_rope", "hiflow_fast.kernels.flash_attention")
 
 
 def resolve_kernels(requested: str | None, device: torch.device) -> str:
-    """"triton" or "ref" for the fused q/k norm + RoPE: the argument, else $HIFLOW_BACKEND,
-    else "auto" (Triton on CUDA, the torch reference elsewhere). "triton" on CPU runs Triton's
-    interpreter, which must be switched on before the kernel modules are imported."""
-    if requested is not None:
-        field_name, value = "kernels", requested
-    elif os.environ.get(KERNELS_ENV_VAR):
-        field_name, value = KERNELS_ENV_VAR, os.environ[KERNELS_ENV_VAR]
-    else:
-        field_name, value = "kernels", "auto"
-    name = value.strip().lower() if isinstance(value, str) else value
-    if name not in KERNEL_CHOICES:
-        raise HiFlowInputError(field_name, value, f"one of {', '.join(KERNEL_CHOICES)}")
-    import importlib.util
-
-    has_triton = importlib.util.find_spec("triton") is not None
-    if name == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "ref"
-    if name == "ref":
-        return "ref"
-    if not has_triton:
-        raise HiFlowInputError(field_name, value, "'ref' or 'auto': the triton package is not installed")
-    if device.type not in ("cuda", "cpu"):
-        raise HiFlowInputError("device", device, "cuda, or cpu through Triton's interpreter, for kernels='triton'")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        if any(mod in sys.modules for mod in _KERNEL_MODULES):
-            raise HiFlowInputError(
-                "TRITON_INTERPRET",
-                os.environ.get("TRITON_INTERPRET"),
-                "'1' before hiflow_fast's kernels are imported, to run kernels='triton' on CPU",
-            )
-        os.environ["TRITON_INTERPRET"] = "1"
-    return "triton"
+    """"triton" or "ref" for the fused q/k norm + RoPE, chosen exactly as the guidance step's
+    backend (`hiflow_fast.backend.resolve_backend`: the argument, else $HIFLOW_BACKEND, else
+    "auto" = Triton on CUDA, the torch reference elsewhere; "triton" on CPU switches Triton to its
+    interpreter)."""
+    return resolve_backend(requested, device=device, field="kernels")
 
 
 def _rms_eps(norm: torch.nn.Module, dtype: torch.dtype) -> float:
