@@ -20,11 +20,10 @@ import sys
 import torch
 
 from .errors import HiFlowInputError
+from .interpreter import use_triton_interpreter
 
 ENV_VAR = "HIFLOW_BACKEND"
 BACKENDS = ("auto", "triton", "ref")
-# Every Triton kernel of the package lives under this module prefix (kernels/ is installed there).
-_KERNEL_PACKAGE = "hiflow_fast.kernels."
 
 
 def triton_available() -> bool:
@@ -84,17 +83,3 @@ def load_triton_ops(*, interpret: bool | None = None):
         use_triton_interpreter()
     return importlib.import_module("hiflow_fast.ops.guidance_ops")
 
-
-def use_triton_interpreter() -> None:
-    """Switch Triton to its CPU interpreter. That is decided when a kernel is *defined*, so it
-    must happen before any of the package's kernel modules is imported; if one already was,
-    compiled, say how to fix it instead of silently running compiled kernels."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    if any(name.startswith(_KERNEL_PACKAGE) for name in sys.modules):
-        raise HiFlowInputError(
-            "TRITON_INTERPRET",
-            os.environ.get("TRITON_INTERPRET"),
-            "'1' before hiflow_fast's kernels are imported, to run the triton backend on CPU",
-        )
-    os.environ["TRITON_INTERPRET"] = "1"

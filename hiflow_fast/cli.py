@@ -130,6 +130,10 @@ def _save_png(image, path: str, metadata: dict, overwrite: bool) -> None:
 def _generate(args) -> int:
     import torch
 
+    from .interpreter import prepare_interpreter
+
+    # Triton on a CPU runs its interpreter, which must be chosen before diffusers imports triton.
+    prepare_interpreter(args.backend, args.attention)
     from .pipeline import HiFlowPipeline
 
     config, params = _build_config(args)

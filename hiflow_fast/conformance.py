@@ -21,11 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from .config import HiFlowConfig
 from .errors import HiFlowInputError, HiFlowModelError
 from .io import atomic_torch_save
-from .pipeline import HiFlowPipeline, StageStart, StepEnd
-from .schedule import base_schedule
+
+if TYPE_CHECKING:  # the pipeline imports diffusers, which imports triton: see main()
+    from .pipeline import HiFlowPipeline
 
 # Unit checks (recorded inputs through one of our functions) are held to 1e-5. Chained checks
 # (our own trajectory, step after step) drift further: the recorded transformer and VAE
@@ -233,6 +236,9 @@ def run_case(
     progress: bool = False,
 ) -> tuple[list[Check], torch.Tensor]:
     """Schedules, unit checks, then the whole case end to end with the recorded noises."""
+    from .pipeline import StageStart
+    from .schedule import base_schedule
+
     config = config_for_case(case, params)
     derive_missing(case, config)
     stages = case["stages"]
@@ -300,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        # Triton on a CPU runs its interpreter, which must be chosen before diffusers imports triton.
+        from .interpreter import prepare_interpreter
+
+        prepare_interpreter(args.backend, args.attention)
+        from .pipeline import HiFlowPipeline
+
         if args.save_latents and os.path.exists(args.save_latents) and not args.overwrite:
             raise HiFlowInputError("--save-latents", args.save_latents, "a path that does not exist yet (or pass --overwrite)")
         for flag, path in (("--case", args.case), ("--params", args.params)):
