@@ -41,16 +41,20 @@ import torch
 
 from hiflow_fast import latents as L
 from hiflow_fast.bench import flux_shapes as fs
-from hiflow_fast.bench.bench_all import (
+from hiflow_fast.bench.common import (
     PeakMemory,
-    add_output_arguments,
-    check_outputs,
+    Timing,
+    add_common_arguments,
+    bench_main,
+    comma_list,
+    copy_bandwidth,
     device_heading,
     free_device_memory,
+    make_record,
+    markdown_table,
     matmul_rate,
     nvml_snapshot,
-    run_cli,
-    write_outputs,
+    start,
 )
 from hiflow_fast.config import HiFlowConfig, HiResStage
 from hiflow_fast.errors import HiFlowInputError
@@ -380,14 +384,7 @@ def measure_plan(path: str, plan: Plan, models: Models, device: torch.device, ar
         peaks["total"] = _max(peaks["total"], peaks[name])
     summaries = []
     for name, samples in per_stage.items():
-        summary = {
-            "stage": name,
-            "median_s": statistics.median(samples),
-            "min_s": min(samples),
-            "max_s": max(samples),
-            "repeats": len(samples),
-            "peak_bytes": peaks[name],
-        }
+        summary = {"stage": name, "timing": Timing.of(samples), "peak_bytes": peaks[name]}
         if name in step_medians:
             k = names.index(name)
             h, w, _ = (plan.base, *plan.stages)[k]
@@ -419,8 +416,6 @@ def plan_floors(plan: Plan, models: Models, rate: float, bandwidth: float) -> di
 
 
 def markdown_for_plan(plan: Plan, records: list[dict[str, Any]], device: torch.device, sample_steps: int | None) -> str:
-    from hiflow_fast.bench.common import markdown_table
-
     by_stage: dict[str, dict[str, Any]] = {}
     for r in records:
         row = by_stage.setdefault(r["stage"], {"stage": r["stage"], "work": r.get("work", "")})
@@ -454,9 +449,7 @@ def markdown_for_plan(plan: Plan, records: list[dict[str, Any]], device: torch.d
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hiflow-fast bench e2e", description=__doc__.split("\n\n")[0])
-    on_gpu = torch.cuda.is_available()
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if on_gpu else "cpu")
-    add_output_arguments(parser)
+    add_common_arguments(parser)
     parser.add_argument("--model", choices=tuple(fs.MODEL_SIZES), help="model size (default: full on cuda, reduced on cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--plans", help=f"comma list of {', '.join(PLANS)} or custom 1024x30>2048x16 "
@@ -486,40 +479,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             raise HiFlowInputError(f"--{name.replace('_', '-')}", value, "an integer >= 1")
     if args.warmup < 0:
         raise HiFlowInputError("--warmup", args.warmup, "an integer >= 0")
-    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    for p in args.paths:
-        if p not in PATHS:
-            raise HiFlowInputError("--paths", p, f"one of {', '.join(PATHS)}")
+    args.paths = comma_list("--paths", args.paths, PATHS)
+    args.plans = parse_plans(args.plans)
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv)
-
-
 def _main(argv: list[str] | None) -> int:
-    from hiflow_fast.bench.common import copy_bandwidth, run_environment
-
     args = _parse(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise HiFlowInputError("--device", "cuda", "cpu: no CUDA device is available here")
-    plans = parse_plans(args.plans)
-    check_outputs([args.json, args.markdown, args.plot], args.overwrite)
-    device = torch.device(args.device)
+    device, outputs, environment = start(args)
+    plans = args.plans
     dtype = DTYPES[args.dtype]
     size = fs.model_size(args.model)
-    environment = run_environment(device)
     heading = device_heading(environment, device)
     print(f"e2e on {heading}; model {size.name} ({size.description}), {args.dtype}; {TEXT_NOTE}")
 
     rate = matmul_rate(device, dtype)
     bandwidth = copy_bandwidth(device)
     print(f"  measured: matmul {rate / 1e12:.2f} TFLOP/s ({args.dtype}), copy {bandwidth / 1e9:.1f} GB/s")
-    start = time.perf_counter()
+    build_start = time.perf_counter()
     models = build_models(size, device, dtype)
-    print(f"  built the models in {time.perf_counter() - start:.1f} s ({models.weight_bytes / 2**30:.2f} GiB of transformer weights)")
+    print(f"  built the models in {time.perf_counter() - build_start:.1f} s ({models.weight_bytes / 2**30:.2f} GiB of transformer weights)")
 
-    records: list[dict[str, Any]] = []
     sections: list[str] = []
     for plan in plans:
         floors = plan_floors(plan, models, rate, bandwidth)
@@ -546,27 +526,25 @@ def _main(argv: list[str] | None) -> int:
             free_device_memory(device)
             if summaries is None:
                 print(f"    skipped: {skip_reason}")
-                plan_records.append(dict(
-                    name=BENCH_NAME, device=device.type, path=path, stage="total", label=f"{plan.name}:total",
-                    skipped=skip_reason, median_s=None, min_s=None, max_s=None, peak_bytes=None,
-                    floor_s=floors["total"][1], fraction_of_floor=None, flops=floors["total"][0],
-                    **common, **environment,
+                flops, floor_s = floors["total"]
+                plan_records.append(make_record(
+                    BENCH_NAME, device, path, None, None, environment, skipped=skip_reason, floor_s=floor_s,
+                    stage="total", label=f"{plan.name}:total", flops=flops, **common,
                 ))
                 continue
             nvml = nvml_snapshot(device)
             for summary in summaries:
+                timing, peak = summary.pop("timing"), summary.pop("peak_bytes")
                 flops, floor_s = floors[summary["stage"]]
-                record = dict(
-                    name=BENCH_NAME, device=device.type, path=path, label=f"{plan.name}:{summary['stage']}",
-                    **summary, peak_kind=PeakMemory.kind_of(device),
-                    flops=flops, floor_s=floor_s, fraction_of_floor=floor_s / summary["median_s"],
-                    work=_work(summary), **common, **environment, nvml_after=nvml,
-                )
-                plan_records.append(record)
-                print(f"    {summary['stage']:8s} median {summary['median_s']:9.3f} s  (min {summary['min_s']:.3f}, "
-                      f"max {summary['max_s']:.3f}; floor {floor_s:.3f} s)")
+                plan_records.append(make_record(
+                    BENCH_NAME, device, path, timing, peak, environment, floor_s=floor_s,
+                    label=f"{plan.name}:{summary['stage']}", **summary, peak_kind=PeakMemory.kind_of(device),
+                    flops=flops, work=_work(summary), **common, nvml_after=nvml,
+                ))
+                print(f"    {summary['stage']:8s} median {timing.median_s:9.3f} s  (min {timing.min_s:.3f}, "
+                      f"max {timing.max_s:.3f}; floor {floor_s:.3f} s)")
         _add_speedups(plan_records)
-        records += plan_records
+        outputs.add(plan_records)
         sections.append(markdown_for_plan(plan, plan_records, device, args.sample_steps))
         free_device_memory(device)
     del models
@@ -581,8 +559,7 @@ def _main(argv: list[str] | None) -> int:
     )
     print()
     print(markdown)
-    write_outputs(records, markdown, json_path=args.json, markdown_path=args.markdown, plot_path=args.plot,
-                  overwrite=args.overwrite, title=f"e2e -- {heading}")
+    outputs.finish(markdown, title=f"e2e -- {heading}")
     return 0
 
 
@@ -611,6 +588,8 @@ def _fits(plan: Plan, models: Models, device: torch.device, dtype: torch.dtype) 
                 f"of weights; {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
     return None
 
+
+main = bench_main(_main)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,9 @@ Per path and size: median/min/max seconds of the double and the single block, th
 a fraction of the bf16 (CPU: fp32) matmul rate measured in the same run, their peak extra
 memory, and the whole-step estimate 19 x double + 38 x single (+ the RoPE embedding) against
 the FLOP floor (FLOPs / matmul rate). FLOPs per block: 24 d^2 L (projections and MLP) +
-4 d L^2 (attention), L = text + image tokens, d = 3072.
+4 d L^2 (attention), L = text + image tokens, d = 3072. Every record's `floor_s` is its FLOPs at
+the measured matmul rate and `fraction_of_floor` = floor_s / median (for a block: its TFLOP/s as
+a fraction of the matmul rate).
 
 Attention: every registered backend that can run here (SDPA flash / cuDNN / efficient, ours,
 diffusers' flash-attn / FA3 / sage if installed) on [1, L, 24, 128] q, k, v with the
@@ -35,29 +37,33 @@ skipped beyond 8k tokens (it materialises L^2 scores).
 (peak allocated minus the weights) of one forward for stock and fast. --compile: also the fast
 path through torch.compile + CUDA graphs (warm-up seconds per captured shape reported).
 
-Timing, memory and JSON records come from bench/common.py (the shared harness).
+Timing, memory, records and outputs come from bench/common.py (the shared harness).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from hiflow_fast.bench.common import (
     Timing,
+    add_common_arguments,
+    bench_main,
+    comma_list,
+    device_heading,
+    free_device_memory,
     make_record,
     markdown_table,
+    matmul_rate,
     measure_time,
     peak_extra_bytes,
-    run_environment,
-    write_json,
+    start,
 )
+from hiflow_fast.errors import HiFlowInputError
 
 BENCH_NAME = "transformer"
 # Image tokens of a 1K/2K/4K target: (side / 16)^2.
@@ -187,9 +193,8 @@ def forward_fn(model, path: str, image_tokens: int, text_tokens: int, *, attenti
 
 
 def peak_activation_bytes(fn, device) -> int | None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    """Peak extra bytes of one fn() call, measured from a collected heap (bench/common.py)."""
+    free_device_memory(device)
     return peak_extra_bytes(fn, device)
 
 
@@ -203,16 +208,6 @@ def block_flops(hidden: int, tokens: int) -> float:
 
 def attention_flops(tokens: int, heads: int, head_dim: int) -> float:
     return 4.0 * tokens**2 * heads * head_dim
-
-
-def matmul_rate(device, dtype, quick: bool) -> float:
-    """Measured FLOP/s of one square matmul in `dtype` (CPU: fp32)."""
-    n = 1024 if quick or device.type == "cpu" else 8192
-    dtype = dtype if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    timing = measure_time(lambda: a @ b, device, repeats=5, warmup=2)
-    return 2.0 * n**3 / timing.median_s
 
 
 # ---- the benchmark ------------------------------------------------------------------------
@@ -271,11 +266,9 @@ def full_forward_peaks(device, dtype, image_tokens, dims, paths, attention, kern
     peaks = {}
     for path in paths:
         with PathContext(model, path, attention, kernels, chunk_tokens=chunk_tokens), torch.no_grad():
-            peaks[path] = peak_activation_bytes(lambda: model(**inputs, return_dict=False)[0], device)
+            peaks[path] = peak_activation_bytes(lambda model=model: model(**inputs, return_dict=False)[0], device)
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device_memory(device)
     return peaks
 
 
@@ -300,11 +293,29 @@ def fmt_bytes(n):
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_sizes(text: str | None, quick: bool) -> dict[str, int]:
+    """Image-token counts by label: 1k, 2k, 4k (--quick: q256, q1k) or plain token counts."""
+    sizes = QUICK_SIZES if quick else SIZES
+    if not text:
+        return dict(sizes)
+    chosen = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        if item in sizes or item in SIZES:
+            chosen[item] = sizes.get(item, SIZES.get(item))
+        elif item.isdigit() and int(item) > 0:
+            chosen[item] = int(item)
+        else:
+            raise HiFlowInputError("--sizes", item, "1k, 2k, 4k or a token count")
+    if not chosen:
+        raise HiFlowInputError("--sizes", text, "at least one size")
+    return chosen
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hiflow-fast bench transformer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
-    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
+    add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run)")
     parser.add_argument("--sizes", default=None, help="comma list of 1k, 2k, 4k or image-token counts")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 (fp32 on CPU)")
@@ -318,78 +329,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="whole-transformer peak memory (19 + 38 blocks; GPU)")
     parser.add_argument("--compile", action="store_true", help="also time the fast path compiled + CUDA graphs (GPU)")
     args = parser.parse_args(argv)
+    args.paths = comma_list("--paths", args.paths, PATHS)
+    args.sizes = parse_sizes(args.sizes, args.quick)
+    return args
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available", file=sys.stderr)
-        return 2
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    bad = [p for p in paths if p not in PATHS]
-    if bad:
-        print(f"--paths: {bad[0]!r} is not one of {', '.join(PATHS)}", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
+
+def _main(argv: list[str] | None) -> int:
+    args = _parse(argv)
+    device, outputs, environment = start(args)
+    paths, sizes = args.paths, args.sizes
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype_name = str(dtype).removeprefix("torch.")
     dims = QUICK if args.quick else FLUX
-    sizes = QUICK_SIZES if args.quick else SIZES
-    if args.sizes:
-        chosen = {}
-        for item in args.sizes.split(","):
-            item = item.strip()
-            if item in sizes or item in SIZES:
-                chosen[item] = sizes.get(item, SIZES.get(item))
-            elif item.isdigit():
-                chosen[item] = int(item)
-            else:
-                print(f"--sizes: {item!r} is not 1k, 2k, 4k or a token count", file=sys.stderr)
-                return 2
-        sizes = chosen
     hidden = dims["heads"] * dims["head_dim"]
     repeats = max(1, args.repeats)
     if device.type == "cpu" and not args.quick and not args.sizes:
         print("note: FLUX.1-dev width on a CPU is slow; --quick runs tiny sizes", file=sys.stderr)
 
-    environment = run_environment(device)
-    rate = matmul_rate(device, dtype, args.quick)
-    print(f"device: {environment['device_name']}; measured matmul rate {rate / 1e12:.2f} TFLOP/s ({dtype if device.type == 'cuda' else torch.float32})")
+    rate_dtype = dtype if device.type == "cuda" else torch.float32
+    rate = matmul_rate(device, rate_dtype, n=1024 if args.quick or device.type == "cpu" else 8192)
+    print(f"device: {environment['device_name']}; measured matmul rate {rate / 1e12:.2f} TFLOP/s ({rate_dtype})")
     from hiflow_fast.attention_backends import available_backends
 
     model = build_model(device, dtype, dims)
-    records, block_rows, step_rows, attn_rows = [], [], [], []
+    block_rows, step_rows, attn_rows = [], [], []
     for label, image_tokens in sizes.items():
+        records = []
         tokens = image_tokens + dims["text"]
         inputs = model_inputs(model, image_tokens, dims["text"], device, dtype)
         flops = block_flops(hidden, tokens)
         step_flops = (DOUBLE_BLOCKS + SINGLE_BLOCKS) * flops
         floor_s = step_flops / rate
         side = 2 * int(math.isqrt(image_tokens))
-        extra_common = dict(image_tokens=image_tokens, text_tokens=dims["text"], hidden=hidden, dtype=str(dtype),
-                            matmul_flops_per_s=rate, quick=args.quick)
+        extra_common = dict(image_tokens=image_tokens, text_tokens=dims["text"], hidden=hidden, dtype=dtype_name,
+                            matmul_rate_flops=rate, quick=args.quick)
         for path in paths:
             try:
                 res = time_blocks(model, path, inputs, device, repeats, args.attention, args.kernels, args.chunk_tokens, args.warmup)
             except torch.cuda.OutOfMemoryError:
                 print(f"  {label} {path}: out of memory")
-                gc.collect()
-                torch.cuda.empty_cache()
+                free_device_memory(device)
                 continue
             (t_d, p_d), (t_s, p_s), (t_r, _) = res["double"], res["single"], res["rope"]
             step_s = DOUBLE_BLOCKS * t_d.median_s + SINGLE_BLOCKS * t_s.median_s + t_r.median_s
             for block, timing, peak in (("double", t_d, p_d), ("single", t_s, p_s)):
                 fraction = flops / timing.median_s / rate
-                records.append(make_record(f"{BENCH_NAME}.{block}_block", device, (side, side), path, timing, peak,
-                                           environment, flops=flops, fraction_of_matmul=fraction, **extra_common))
+                records.append(make_record(f"{BENCH_NAME}.{block}_block", device, path, timing, peak, environment,
+                                           latent_hw=(side, side), floor_s=flops / rate, flops=flops, **extra_common))
                 block_rows.append({"size": label, "tokens": tokens, "block": block, "path": path,
                                    "median_ms": timing.median_s * 1e3, "TFLOP/s": flops / timing.median_s / 1e12,
                                    "of_matmul": fraction, "peak": fmt_bytes(peak)})
-            step_timing = Timing(step_s, step_s, step_s, 1)
-            records.append(make_record(f"{BENCH_NAME}.step_estimate", device, (side, side), path, step_timing, max(filter(None, [p_d, p_s]), default=None),
-                                       environment, flops=step_flops, floor_s=floor_s, of_floor=step_s / floor_s,
-                                       rope_s=t_r.median_s, **extra_common))
+            peak_block = max(filter(None, [p_d, p_s]), default=None)
+            records.append(make_record(f"{BENCH_NAME}.step_estimate", device, path, Timing(step_s, step_s, step_s, 1),
+                                       peak_block, environment, latent_hw=(side, side), floor_s=floor_s,
+                                       flops=step_flops, rope_s=t_r.median_s, **extra_common))
             step_rows.append({"size": label, "path": path, "step_s": step_s, "floor_s": floor_s,
-                              "x_floor": step_s / floor_s, "peak_block": fmt_bytes(max(filter(None, [p_d, p_s]), default=None))})
+                              "x_floor": step_s / floor_s, "peak_block": fmt_bytes(peak_block)})
             print(f"  {label} {path}: double {t_d.median_s * 1e3:.1f} ms, single {t_s.median_s * 1e3:.1f} ms, "
                   f"step ~{step_s:.3f} s = {step_s / floor_s:.2f}x floor, peaks {fmt_bytes(p_d)} / {fmt_bytes(p_s)}")
-            gc.collect()
+            free_device_memory(device)
 
         if not args.no_attention:
             timings = time_attention(available_backends(), tokens, dims, device, dtype, repeats, args.warmup)
@@ -397,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             sdpa_best = min((t.median_s for n, t in timings.items() if n.startswith("sdpa")), default=None)
             for name, timing in timings.items():
                 ratio = timing.median_s / sdpa_best if sdpa_best else None
-                records.append(make_record(f"{BENCH_NAME}.attention", device, (side, side), name, timing, None, environment,
-                                           flops=fl, fraction_of_matmul=fl / timing.median_s / rate,
+                records.append(make_record(f"{BENCH_NAME}.attention", device, name, timing, None, environment,
+                                           latent_hw=(side, side), floor_s=fl / rate, flops=fl,
                                            vs_fastest_sdpa=ratio, heads=dims["heads"], head_dim=dims["head_dim"], **extra_common))
                 attn_rows.append({"size": label, "tokens": tokens, "backend": name, "median_ms": timing.median_s * 1e3,
                                   "TFLOP/s": fl / timing.median_s / 1e12, "of_matmul": fl / timing.median_s / rate,
@@ -407,17 +405,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile and device.type == "cuda":
             swin = model_inputs(model, (int(math.isqrt(image_tokens)) + 1) ** 2, dims["text"], device, dtype, seed=1)
             timing, warm_s, stats = compiled_pair(model, inputs, device, repeats, args.attention, args.kernels, args.chunk_tokens, swin)
-            records.append(make_record(f"{BENCH_NAME}.pair_compiled", device, (side, side), "fast-compiled", timing, None,
-                                       environment, warmup_s=warm_s, graphs=stats, **extra_common))
+            records.append(make_record(f"{BENCH_NAME}.pair_compiled", device, "fast-compiled", timing, None, environment,
+                                       latent_hw=(side, side), warmup_s=warm_s, graphs=stats, **extra_common))
             print(f"  {label} fast compiled + graphs: pair {timing.median_s * 1e3:.1f} ms, warm-up {warm_s:.1f} s {stats}")
 
         if args.full and device.type == "cuda":
             full_paths = [p for p in ("stock", "fast") if p in paths]
             peaks = full_forward_peaks(device, dtype, image_tokens, dims, full_paths, args.attention, args.kernels, args.chunk_tokens)
             for path, peak in peaks.items():
-                records.append(make_record(f"{BENCH_NAME}.full_forward_peak", device, (side, side), path,
-                                           Timing(float("nan"), float("nan"), float("nan"), 0), peak, environment, **extra_common))
+                # Memory only: no timing (median_s null).
+                records.append(make_record(f"{BENCH_NAME}.full_forward_peak", device, path, None, peak, environment,
+                                           latent_hw=(side, side), **extra_common))
                 print(f"  {label} full forward ({DOUBLE_BLOCKS}+{SINGLE_BLOCKS} blocks) {path}: peak activations {fmt_bytes(peak)}")
+        outputs.add(records)
 
     tables = [
         markdown_table(block_rows, [(h, h) for h in ("size", "tokens", "block", "path", "median_ms", "TFLOP/s", "of_matmul", "peak")]),
@@ -425,15 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if attn_rows:
         tables.append(markdown_table(attn_rows, [(h, h) for h in ("size", "tokens", "backend", "median_ms", "TFLOP/s", "of_matmul", "vs_fastest_sdpa")]))
+    heading = device_heading(environment, device)
     text = "\n\n".join(tables)
     print(text)
-    if args.json:
-        write_json(args.json, records)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text + "\n")
+    markdown = f"# transformer blocks at FLUX width ({heading}, commit {environment['commit']})\n\n{text}\n"
+    outputs.finish(markdown, title=f"transformer -- {heading}")
     return 0
 
+
+main = bench_main(_main)
 
 if __name__ == "__main__":
     sys.exit(main())

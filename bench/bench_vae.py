@@ -24,17 +24,20 @@ from typing import Any
 import torch
 
 from hiflow_fast.bench import flux_shapes as fs
-from hiflow_fast.bench.bench_all import (
-    PeakMemory,
-    add_output_arguments,
-    check_outputs,
+from hiflow_fast.bench.common import (
+    add_common_arguments,
+    bench_main,
+    comma_list,
+    copy_bandwidth,
     device_heading,
     free_device_memory,
+    make_record,
+    markdown_table,
     matmul_rate,
     nvml_snapshot,
-    run_cli,
+    peak_extra_bytes,
+    start,
     time_slow,
-    write_outputs,
 )
 from hiflow_fast.errors import HiFlowInputError
 
@@ -101,9 +104,7 @@ def _gib(nbytes: int | None) -> str:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hiflow-fast bench vae", description=__doc__.split("\n\n")[0])
-    cuda = torch.cuda.is_available()
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    add_output_arguments(parser)
+    add_common_arguments(parser)
     parser.add_argument("--model", choices=tuple(fs.MODEL_SIZES), help="VAE size (default: full on cuda, reduced on cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--sizes", help="comma list of 1k, 2k, 4k, SIDE or HxW in pixels (default: 4k on cuda, 256 on cpu)")
@@ -116,12 +117,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.model = args.model or ("full" if on_gpu else "reduced")
     args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     args.sizes = parse_sizes(args.sizes or ("4k" if on_gpu else "256"))
-    for name, allowed in (("ops", OPS), ("modes", MODES)):
-        values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
-        for v in values:
-            if v not in allowed:
-                raise HiFlowInputError(f"--{name}", v, f"one of {', '.join(allowed)}")
-        setattr(args, name, values)
+    args.ops = comma_list("--ops", args.ops, OPS)
+    args.modes = comma_list("--modes", args.modes, MODES)
     if args.repeats < 1:
         raise HiFlowInputError("--repeats", args.repeats, "an integer >= 1")
     if args.warmup < 0:
@@ -129,21 +126,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv)
-
-
 def _main(argv: list[str] | None) -> int:
-    from hiflow_fast.bench.common import copy_bandwidth, markdown_table, run_environment
-
     args = _parse(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise HiFlowInputError("--device", "cuda", "cpu: no CUDA device is available here")
-    check_outputs([args.json, args.markdown, args.plot], args.overwrite)
-    device = torch.device(args.device)
+    device, outputs, environment = start(args)
     dtype = DTYPES[args.dtype]
     size = fs.model_size(args.model)
-    environment = run_environment(device)
     heading = device_heading(environment, device)
     rate = matmul_rate(device, dtype)
     bandwidth = copy_bandwidth(device)
@@ -151,44 +138,39 @@ def _main(argv: list[str] | None) -> int:
     vae = fs.build_vae(size, device, dtype)
     element = torch.tensor([], dtype=dtype).element_size()
 
-    records: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     for label, hw in args.sizes:
         for op in args.ops:
             x = make_input(op, hw, vae, device, dtype)
             row: dict[str, Any] = {"size": f"{hw[0]}x{hw[1]}", "op": op}
+            records: list[dict[str, Any]] = []
             for mode in args.modes:
                 tiled = mode == "tiled"
                 flops = fs.vae_flops(size.vae, op, *hw, tiled=tiled)
                 moved = x.numel() * element + output_bytes(op, hw, vae, element)
                 floor_s = max(flops / rate, moved / bandwidth)
                 base = dict(
-                    name=BENCH_NAME, device=device.type, path=mode, is_baseline=mode == BASELINE_MODE,
+                    floor_s=floor_s, is_baseline=mode == BASELINE_MODE,
                     label=f"{op} {hw[0]}x{hw[1]}", stage=op, op=op, size=f"{hw[0]}x{hw[1]}", height=hw[0], width=hw[1],
                     model=size.name, dtype=args.dtype, tile_pixels=size.vae["sample_size"], flops=flops,
                     threads=torch.get_num_threads(),
-                    bytes_floor=moved, floor_s=floor_s, matmul_rate_flops=rate, copy_bandwidth_bytes_per_s=bandwidth,
+                    bytes_floor=moved, matmul_rate_flops=rate, copy_bandwidth_bytes_per_s=bandwidth,
                 )
                 fn = op_fn(op, vae, x, tiled)
                 try:
                     timing = time_slow(fn, device, repeats=args.repeats, warmup=args.warmup)
                     free_device_memory(device)
-                    peak = PeakMemory(device).extra_during(fn)
+                    peak = peak_extra_bytes(fn, device, cpu="rss")
                 except torch.cuda.OutOfMemoryError as exc:
                     reason = f"out of memory: {str(exc).splitlines()[0]}"
                     print(f"  {label} {op} {mode}: skipped ({reason})")
-                    records.append(dict(base, skipped=reason, median_s=None, min_s=None, max_s=None, repeats=0,
-                                        peak_bytes=None, fraction_of_floor=None, **environment))
+                    records.append(make_record(BENCH_NAME, device, mode, None, None, environment, skipped=reason, **base))
                     row[f"{mode}_s"] = "does not fit"
                     free_device_memory(device)
                     continue
                 free_device_memory(device)
-                record = dict(
-                    base, median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s, repeats=timing.repeats,
-                    peak_bytes=peak, fraction_of_floor=floor_s / timing.median_s, **environment,
-                    nvml_after=nvml_snapshot(device),
-                )
-                records.append(record)
+                records.append(make_record(BENCH_NAME, device, mode, timing, peak, environment, **base,
+                                           nvml_after=nvml_snapshot(device)))
                 row[f"{mode}_s"] = timing.median_s
                 row[f"{mode}_peak"] = None if peak is None else peak / 2**30
                 row[f"{mode}_x_floor"] = timing.median_s / floor_s
@@ -200,8 +182,9 @@ def _main(argv: list[str] | None) -> int:
                     if mode != BASELINE_MODE and isinstance(row.get(f"{mode}_s"), float):
                         row[f"{BASELINE_MODE}_over_{mode}"] = baseline / row[f"{mode}_s"]
                         for r in records:
-                            if r["label"] == f"{op} {hw[0]}x{hw[1]}" and r["path"] == mode and r.get("median_s"):
+                            if r["path"] == mode and r.get("median_s"):
                                 r["baseline_over_this"] = baseline / r["median_s"]
+            outputs.add(records)
             rows.append(row)
             del x
             free_device_memory(device)
@@ -225,10 +208,11 @@ def _main(argv: list[str] | None) -> int:
     )
     print()
     print(markdown)
-    write_outputs(records, markdown, json_path=args.json, markdown_path=args.markdown, plot_path=args.plot,
-                  overwrite=args.overwrite, title=f"vae -- {heading}")
+    outputs.finish(markdown, title=f"vae -- {heading}")
     return 0
 
+
+main = bench_main(_main)
 
 if __name__ == "__main__":
     sys.exit(main())

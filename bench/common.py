@@ -1,109 +1,257 @@
-"""Shared bench harness: timing, peak extra memory, the bandwidth floor and JSON records.
+"""The one bench harness: timing, peak memory, the two floors, run facts, records and outputs.
 
-* Timing: median / min / max over warmed-up repeats. On a GPU, CUDA events through
-  `triton.testing.do_bench` (it also flushes L2 between runs); on the CPU, perf_counter.
-* Peak extra memory: bytes allocated by one call beyond what was live before it. GPU: the
-  caching allocator's peak statistics. CPU: torch.profiler's memory timeline (c10 allocations;
-  workspaces a library allocates on its own, e.g. MKL's FFT buffers, are not seen).
-* Floor: the time the bytes a step must move take at the *measured* copy bandwidth of this
-  device (a device-to-device copy, bytes read + written), so a result reads as a fraction of it.
-* Records: one JSON object per (bench, device, shape, path) with name, device, latent_hw, path,
-  median_s, min_s, max_s, peak_bytes, and the run's versions, git commit and device name.
+Every bench_*.py measures through this module and nothing else:
+
+* Timing (`measure_time`, `time_slow`): median / min / max over warmed-up repeats. On a GPU,
+  `measure_time` uses `triton.testing.do_bench` (CUDA events, L2 flushed between runs, topped up
+  with plain event timings when a slow op gets few samples); `time_slow` (ops of tens of
+  milliseconds or more) times each call with CUDA events and no flush. On the CPU both are
+  perf_counter around each call.
+* Peak memory (`PeakMemory`, `peak_extra_bytes`): GPU: the caching allocator's peak statistics.
+  CPU: either torch.profiler's memory timeline (c10 allocations only, exact for small ops; slow)
+  or the process's peak resident set (VmHWM, reset through /proc/self/clear_refs; cheap, for
+  ops of seconds).
+* Floors (`copy_bandwidth`, `matmul_rate`): bytes at the copy bandwidth and FLOPs at the dense
+  matmul rate, both *measured* in the run, so a result reads as `fraction_of_floor` = floor /
+  median (1.0 = at the floor).
+* Run facts (`run_environment`, `nvml_snapshot`, `device_heading`): versions, git commit,
+  device name and NVML clocks/power/memory (None, never an error, without a GPU or NVML).
+* Records (`make_record`) and outputs (`Outputs`): one JSON object per measured case with the
+  common keys name, device, latent_hw (where relevant), path, median_s, min_s, max_s, repeats,
+  peak_bytes, floor_s / fraction_of_floor (where there is a floor), versions, commit,
+  device_name; the JSON list, the markdown and the plot are written through
+  `hiflow_fast.io.atomic_write` and never replace an existing file without --overwrite (checked
+  before anything is measured).
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from hiflow_fast.errors import HiFlowInputError
+
+# ---- timing ---------------------------------------------------------------------------------
+
 
 @dataclass
 class Timing:
+    """Seconds of one measured operation over its timed repeats."""
+
     median_s: float
     min_s: float
     max_s: float
     repeats: int
+    samples: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, samples: list[float]) -> "Timing":
+        return cls(statistics.median(samples), min(samples), max(samples), len(samples), list(samples))
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_time(fn: Callable[[], Any], device: torch.device | str, *, repeats: int = 10, warmup: int = 2) -> Timing:
-    """Median, min and max seconds of fn() over `repeats` runs after `warmup` runs."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        # do_bench: CUDA events, L2 flushed before each run; warmup/rep are milliseconds and
-        # return_mode="all" returns every sample (ms). A slow path gets few samples in 100 ms,
-        # so top up with plain event timings.
-        samples = [t / 1e3 for t in do_bench(fn, warmup=25, rep=100, return_mode="all")]
-        while len(samples) < repeats:
+def _timed_calls(fn: Callable[[], Any], device: torch.device, count: int) -> list[float]:
+    """Seconds of `count` calls, each timed on its own: CUDA events on a GPU, else perf_counter."""
+    samples = []
+    for _ in range(count):
+        if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             stop.record()
             stop.synchronize()
             samples.append(start.elapsed_time(stop) / 1e3)
-    else:
-        for _ in range(warmup):
+        else:
+            start_s = time.perf_counter()
             fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+            samples.append(time.perf_counter() - start_s)
+    return samples
 
 
-def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | str) -> int | None:
-    """Peak bytes allocated during one fn() call beyond the bytes live before it (None if the
-    platform gives no way to see it). The result of fn is kept alive until the end of the call,
-    so outputs count too."""
+def measure_time(
+    fn: Callable[[], Any], device: torch.device | str, *, repeats: int = 10, warmup: int = 2, slow: bool = False
+) -> Timing:
+    """Median, min and max seconds of fn() over `repeats` runs after `warmup` runs.
+
+    GPU, `slow=False`: triton's do_bench (CUDA events, L2 flushed before each run; it warms up by
+    itself, `warmup` is not used), topped up with plain event timings to `repeats` samples.
+    GPU, `slow=True` (see `time_slow`) and CPU: `warmup` untimed calls, then `repeats` timed ones."""
     device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda" and not slow:
+        from triton.testing import do_bench
+
+        # warmup/rep are milliseconds; return_mode="all" returns every sample (ms). A slow op
+        # gets few samples in 100 ms, hence the top-up.
+        samples = [t / 1e3 for t in do_bench(fn, warmup=25, rep=100, return_mode="all")]
+        samples += _timed_calls(fn, device, repeats - len(samples))
+        return Timing.of(samples)
+    for _ in range(warmup):
+        fn()
+    return Timing.of(_timed_calls(fn, device, max(1, repeats)))
+
+
+def time_slow(fn: Callable[[], Any], device: torch.device | str, *, repeats: int = 3, warmup: int = 1) -> Timing:
+    """`measure_time` for operations of tens of milliseconds or more: on a GPU, CUDA events around
+    each call and no L2 flush (at these durations the cache state does not matter, and do_bench
+    would run a one-second op 8+ times)."""
+    return measure_time(fn, device, repeats=repeats, warmup=warmup, slow=True)
+
+
+# ---- peak memory ----------------------------------------------------------------------------
+
+CPU_PEAK_METHODS = ("profiler", "rss")
+
+
+class PeakMemory:
+    """Peak memory of one device.
+
+    * `read_and_reset()`: the peak since the previous read (GPU: the caching allocator's peak,
+      weights included; CPU: the process's peak resident set). What bench_e2e marks per stage.
+    * `extra_during(fn, cpu=...)`: the peak bytes one fn() call holds beyond what was held before
+      it, its result kept alive to the end of the call (so outputs count). GPU: the allocator's
+      peak minus the bytes allocated before. CPU, `cpu="profiler"`: torch.profiler's memory
+      timeline (c10 allocations; workspaces a library allocates itself, e.g. MKL's FFT buffers,
+      are not seen; tens of seconds for a large op on 2 cores); `cpu="rss"`: peak RSS minus the
+      RSS before (includes memory the allocator keeps; cheap).
+
+    None wherever the platform gives no way to see it."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.kind = self.kind_of(self.device)
+        self.available = self.device.type == "cuda" or self._cpu_reset()
+
+    @staticmethod
+    def kind_of(device: torch.device | str) -> str:
+        return "cuda_max_allocated" if torch.device(device).type == "cuda" else "cpu_peak_rss"
+
+    @staticmethod
+    def _cpu_reset() -> bool:
+        """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _cpu_status(key: str) -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+        except OSError:
+            return None
+        return None
+
+    def read_and_reset(self) -> int | None:
+        if not self.available:
+            return None
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return int(peak)
+        peak = self._cpu_status("VmHWM")
+        self._cpu_reset()
+        return peak
+
+    def extra_during(self, fn: Callable[[], Any], *, cpu: str = "rss") -> int | None:
+        if self.device.type == "cuda":
+            return self._cuda_extra(fn)
+        if cpu == "profiler":
+            return self._profiler_extra(fn)
+        if cpu != "rss":
+            raise ValueError(f"cpu={cpu!r}: one of {CPU_PEAK_METHODS}")
+        return self._rss_extra(fn)
+
+    def _cuda_extra(self, fn: Callable[[], Any]) -> int:
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
         out = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
         del out
         return int(peak)
+
+    def _rss_extra(self, fn: Callable[[], Any]) -> int | None:
+        if not self.available:
+            return None
+        gc.collect()
+        _release_freed_heap()
+        before = self._cpu_status("VmRSS")
+        self._cpu_reset()
+        out = fn()
+        peak = self._cpu_status("VmHWM")
+        del out
+        if before is None or peak is None:
+            return None
+        return max(0, peak - before)
+
+    @staticmethod
+    def _profiler_extra(fn: Callable[[], Any]) -> int | None:
+        try:
+            from torch.profiler import ProfilerActivity, profile
+            from torch.profiler._memory_profiler import Action
+        except ImportError:
+            return None
+        try:
+            with profile(
+                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+            ) as prof:
+                out = fn()
+            timeline = prof._memory_profile().timeline
+        except Exception:  # the memory timeline is a private profiler API; never fail a bench on it
+            return None
+        del out
+        live = peak = 0
+        for _, action, _, size in timeline:
+            if action == Action.CREATE:
+                live += size
+            elif action == Action.DESTROY:
+                live -= size
+            peak = max(peak, live)
+        return int(peak)
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device | str, *, cpu: str = "profiler") -> int | None:
+    """Peak bytes one fn() call allocates beyond what was live before it (`PeakMemory.extra_during`;
+    on a CPU through the profiler's timeline unless `cpu="rss"`)."""
+    return PeakMemory(device).extra_during(fn, cpu=cpu)
+
+
+def _release_freed_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the OS (no-op where there is no glibc)."""
     try:
-        from torch.profiler import ProfilerActivity, profile
-        from torch.profiler._memory_profiler import Action
-    except ImportError:
-        return None
-    try:
-        with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-        ) as prof:
-            out = fn()
-        timeline = prof._memory_profile().timeline
-    except Exception:  # the memory timeline is a private profiler API; never fail a bench on it
-        return None
-    del out
-    live = peak = 0
-    for _, action, _, size in timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return int(peak)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def free_device_memory(device: torch.device | str) -> None:
+    """Collect garbage and give the caching allocator's free blocks back (GPU)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- floors ---------------------------------------------------------------------------------
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 256 * 2**20) -> float:
@@ -115,6 +263,24 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 256 * 2**20) -> flo
     dst = torch.empty_like(src)
     timing = measure_time(lambda: dst.copy_(src), device, repeats=10, warmup=2)
     return 2.0 * src.numel() * 4 / timing.median_s
+
+
+def matmul_rate(device: torch.device | str, dtype: torch.dtype, *, n: int | None = None) -> float:
+    """Measured dense matmul rate in FLOP/s for `dtype` on `device`: the compute floor's divisor.
+
+    A square n^3 product large enough to reach the device's peak (default n = 8192 on a GPU:
+    1.1 TFLOP, ~1.4 ms on an H100; n = 1024 on a CPU, ~2 GFLOP)."""
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    timing = measure_time(lambda: torch.mm(a, b, out=out), device, repeats=10, warmup=2)
+    return 2.0 * n**3 / timing.median_s
+
+
+# ---- run facts: versions, commit, device, NVML ----------------------------------------------
 
 
 def device_name(device: torch.device | str) -> str:
@@ -130,30 +296,80 @@ def device_name(device: torch.device | str) -> str:
     return platform.processor() or platform.machine()
 
 
-def nvml_info() -> dict[str, Any] | None:
-    """Driver version and clocks from NVML (nvidia-ml-py), or None without a GPU / the package."""
+def nvml_snapshot(device: torch.device | str) -> dict[str, Any] | None:
+    """Driver, name, clocks, power, memory and temperature of the GPU behind `device`, from NVML
+    (nvidia-ml-py).
+
+    None for a CPU device, without the package or when NVML cannot start (pynvml.NVMLError, e.g.
+    no driver or no GPU); a field the driver does not report is None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
     try:
         import pynvml
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            return {
-                "driver": _as_str(pynvml.nvmlSystemGetDriverVersion()),
-                "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-                "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-                "temperature_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
-            }
-        finally:
-            pynvml.nvmlShutdown()
     except pynvml.NVMLError:
         return None
+    try:
+        handle = _nvml_handle(pynvml, device)
+
+        def read(fn, *args, scale=1.0):
+            try:
+                value = fn(handle, *args)
+            except pynvml.NVMLError:
+                return None
+            if isinstance(value, bytes):
+                return value.decode()
+            return value * scale if scale != 1.0 else value
+
+        try:
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+        except pynvml.NVMLError:
+            driver = None
+        memory = read(pynvml.nvmlDeviceGetMemoryInfo)
+        return {
+            "name": read(pynvml.nvmlDeviceGetName),
+            "driver": driver,
+            "sm_clock_mhz": read(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": read(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM),
+            "max_sm_clock_mhz": read(pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM),
+            "power_w": read(pynvml.nvmlDeviceGetPowerUsage, scale=1e-3),  # NVML reports milliwatts
+            "power_limit_w": read(pynvml.nvmlDeviceGetEnforcedPowerLimit, scale=1e-3),
+            "temperature_c": read(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU),
+            "memory_used_bytes": None if memory is None else int(memory.used),
+            "memory_total_bytes": None if memory is None else int(memory.total),
+        }
+    except pynvml.NVMLError:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
 
 
-def _as_str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _nvml_handle(pynvml, device: torch.device):
+    """The NVML handle of torch's device (by PCI bus id, which survives CUDA_VISIBLE_DEVICES)."""
+    index = device.index if device.index is not None else 0
+    try:
+        if device.index is None:
+            index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+    except (RuntimeError, AssertionError):  # torch without CUDA: fall back to NVML's numbering
+        props = None
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is not None:
+        try:
+            domain = getattr(props, "pci_domain_id", 0)
+            dev = getattr(props, "pci_device_id", 0)
+            return pynvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08x}:{bus:02x}:{dev:02x}.0")
+        except pynvml.NVMLError:
+            pass
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
 def _package_version(name: str) -> str | None:
@@ -164,7 +380,8 @@ def _package_version(name: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout this file lives in (with '-dirty' when tracked files changed)."""
+    """HEAD of the checkout this file lives in (with '-dirty' when tracked files changed), else
+    $HIFLOW_GIT_COMMIT (a copy of the tree without .git, e.g. on the GPU machine)."""
     root = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -180,7 +397,7 @@ def git_commit() -> str | None:
 
 
 def run_environment(device: torch.device | str) -> dict[str, Any]:
-    """Versions, commit and device of this run (stored in every record)."""
+    """Versions, commit, device name and NVML snapshot of this run (stored in every record)."""
     device = torch.device(device)
     return {
         "versions": {
@@ -192,40 +409,59 @@ def run_environment(device: torch.device | str) -> dict[str, Any]:
         },
         "commit": git_commit(),
         "device_name": device_name(device),
-        "nvml": nvml_info() if device.type == "cuda" else None,
+        "nvml": nvml_snapshot(device),
     }
+
+
+def device_heading(environment: dict[str, Any], device: torch.device | str) -> str:
+    """What every table says about where it was measured; CPU numbers say so loudly."""
+    name = environment.get("device_name")
+    if torch.device(device).type == "cpu":
+        return f"CPU: {name} -- CPU timings of reduced models, not GPU results"
+    return f"GPU: {name}"
+
+
+# ---- records --------------------------------------------------------------------------------
 
 
 def make_record(
     name: str,
     device: torch.device | str,
-    latent_hw: tuple[int, int],
     path: str,
-    timing: Timing,
+    timing: Timing | None,
     peak_bytes: int | None,
     environment: dict[str, Any],
+    *,
+    latent_hw: tuple[int, int] | None = None,
+    floor_s: float | None = None,
+    skipped: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    record = {
-        "name": name,
-        "device": torch.device(device).type,
-        "latent_hw": list(latent_hw),
-        "path": path,
-        "median_s": timing.median_s,
-        "min_s": timing.min_s,
-        "max_s": timing.max_s,
-        "repeats": timing.repeats,
-        "peak_bytes": peak_bytes,
-    }
+    """One measured case in the suite's vocabulary.
+
+    `timing` None: nothing was timed (median_s/min_s/max_s null, repeats 0; give `skipped` with
+    the reason when the case could not run). `floor_s`: adds `fraction_of_floor` = floor_s /
+    median_s. `label` (what a plot calls the case) defaults to the latent grid "HxW"."""
+    record: dict[str, Any] = {"name": name, "device": torch.device(device).type}
+    if latent_hw is not None:
+        record["latent_hw"] = list(latent_hw)
+    record["path"] = path
+    if timing is None:
+        record.update(median_s=None, min_s=None, max_s=None, repeats=0)
+    else:
+        record.update(median_s=timing.median_s, min_s=timing.min_s, max_s=timing.max_s, repeats=timing.repeats)
+    record["peak_bytes"] = peak_bytes
+    if floor_s is not None:
+        median = record["median_s"]
+        record["floor_s"] = floor_s
+        record["fraction_of_floor"] = floor_s / median if median and math.isfinite(median) else None
+    if skipped is not None:
+        record["skipped"] = skipped
     record.update(extra)
+    if "label" not in record and latent_hw is not None:
+        record["label"] = "x".join(str(v) for v in latent_hw)
     record.update(environment)
     return record
-
-
-def write_json(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=2) + "\n")
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
@@ -243,3 +479,133 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -
                 cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---- outputs --------------------------------------------------------------------------------
+
+
+class Outputs:
+    """Where a benchmark's results go: a JSON list of records, a markdown file, a PNG plot.
+
+    Made before anything is measured: an existing output without `overwrite` is a
+    HiFlowInputError then (and `atomic_write` refuses again at write time, should one appear
+    meanwhile). `add` appends records and rewrites the JSON at once, so the cases measured so far
+    survive a run that is stopped part way (bench/gpu_check's step timeouts); `finish` writes the
+    final JSON, the markdown and the plot. Every file goes through hiflow_fast.io.atomic_write."""
+
+    def __init__(
+        self,
+        json_path: Path | None = None,
+        markdown_path: Path | None = None,
+        plot_path: Path | None = None,
+        *,
+        overwrite: bool = False,
+    ):
+        self.json_path, self.markdown_path, self.plot_path = json_path, markdown_path, plot_path
+        self.overwrite = overwrite
+        self.records: list[dict[str, Any]] = []
+        self._written: set[Path] = set()
+        for path in (json_path, markdown_path, plot_path):
+            if path is not None and path.exists() and not overwrite:
+                raise HiFlowInputError("output", str(path), "a path that does not exist yet (pass --overwrite to replace it)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Outputs":
+        return cls(args.json, args.markdown, getattr(args, "plot", None), overwrite=args.overwrite)
+
+    def _write(self, path: Path, write: Callable[[str], None]) -> None:
+        from hiflow_fast.io import atomic_write
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A file this run wrote itself (a partial JSON) is replaced; anything else only with --overwrite.
+        atomic_write(path, write, overwrite=self.overwrite or path in self._written)
+        self._written.add(path)
+
+    def _write_json(self) -> None:
+        text = json.dumps(self.records, indent=2, default=str) + "\n"
+        self._write(self.json_path, lambda tmp: Path(tmp).write_text(text))
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        self.records += records
+        if self.json_path is not None:
+            self._write_json()
+
+    def finish(self, markdown: str, *, title: str) -> None:
+        if self.json_path is not None:
+            self._write_json()
+            print(f"wrote {len(self.records)} records to {self.json_path}")
+        if self.markdown_path is not None:
+            self._write(self.markdown_path, lambda tmp: Path(tmp).write_text(markdown))
+            print(f"wrote {self.markdown_path}")
+        if self.plot_path is not None:
+            from hiflow_fast.bench.plot import plot_records
+
+            self.plot_path.parent.mkdir(parents=True, exist_ok=True)
+            plot_records(self.records, self.plot_path, title=title, overwrite=self.overwrite)
+            print(f"wrote {self.plot_path}")
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, threads: bool = False) -> None:
+    """--device and the outputs (--json, --markdown, --plot, --overwrite); --threads if asked."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="write the records (a JSON list) to this file")
+    parser.add_argument("--markdown", type=Path, help="write the tables to this markdown file")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot of the records (needs matplotlib)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None,
+                            help="CPU threads (torch.set_num_threads; default: torch's). On a CPU shared with "
+                                 "other jobs, 1 avoids the stalls of a 2-thread pool whose second core is busy")
+
+
+def at_least(option: str, value: int | None, minimum: int) -> None:
+    """A HiFlowInputError unless `value` (when given) is an integer >= `minimum`."""
+    if value is not None and value < minimum:
+        raise HiFlowInputError(option, value, f"an integer >= {minimum}")
+
+
+def start(args: argparse.Namespace) -> tuple[torch.device, Outputs, dict[str, Any]]:
+    """Check what every benchmark checks before measuring (the device exists, --threads, the
+    outputs do not exist yet), then give the device, the outputs and the run's facts
+    (`run_environment`)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise HiFlowInputError("--device", "cuda", "cpu: no CUDA device is available here")
+    threads = getattr(args, "threads", None)
+    at_least("--threads", threads, 1)
+    outputs = Outputs.from_args(args)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    return device, outputs, run_environment(device)
+
+
+def comma_list(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    """The items of a comma list, each one of `allowed` (else a HiFlowInputError)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for item in items:
+        if item not in allowed:
+            raise HiFlowInputError(option, item, f"one of {', '.join(allowed)}")
+    return items
+
+
+def run_cli(main_fn: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """Run a benchmark main with bad input reported as one `error: ...` line and status 2."""
+    try:
+        return main_fn(argv)
+    except HiFlowInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def bench_main(main_fn: Callable[[list[str] | None], int]) -> Callable[..., int]:
+    """A benchmark's `main(argv=None) -> int` (what `hiflow-fast bench NAME` calls): `main_fn`
+    through `run_cli`."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return run_cli(main_fn, argv)
+
+    main.__doc__ = main_fn.__doc__
+    return main

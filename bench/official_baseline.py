@@ -101,16 +101,20 @@ def official_guidance_step(
     butterworth_order: int,
     v_prev: torch.Tensor | None,
     v_ref_prev: torch.Tensor | None,
+    mask_fn: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One official high-res step on packed tensors (the states already on `hw`).
 
-    Returns (x_next packed in the model's dtype, unguided x0 packed fp32, v, v_ref packed fp32)."""
+    Returns (x_next packed in the model's dtype, unguided x0 packed fp32, v, v_ref packed fp32).
+    `mask_fn(shape, ratio, order, device)` builds the mask (default: the official per-pixel loop,
+    `official_butterworth_mask`; bench_guidance swaps in a vectorised build of the same tensor
+    only where a CPU memory profiler would otherwise record every per-pixel assignment)."""
     sample = sample.float()
     pred_x0 = sample - sigma * model_output.float()
     x = L.unpack(sample, *hw)
     x0 = L.unpack(pred_x0, *hw)
     ref = F.interpolate(L.unpack(ref_x0, *ref_hw).float(), size=tuple(hw), mode="bicubic", align_corners=False)
-    mask = official_butterworth_mask(tuple(x0.shape), filter_ratio, butterworth_order, x0.device)
+    mask = (mask_fn or official_butterworth_mask)(tuple(x0.shape), filter_ratio, butterworth_order, x0.device)
     x0 = x0 + alpha * (official_fft_lowpass(ref, mask) - official_fft_lowpass(x0, mask))
     v = (x - x0) / (sigma + VELOCITY_EPS)
     v_ref = (x - ref) / (sigma + VELOCITY_EPS)

@@ -94,7 +94,7 @@ def plot_records(records: list[dict[str, Any]], path: str | Path, *, title: str 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hiflow_fast.bench.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="a results JSON (a list of records)")
+    parser.add_argument("results", type=Path, help="a results JSON (a list of records, or bench/gpu_check's gpu_check.json)")
     parser.add_argument("output", type=Path, help="the PNG to write")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             records = json.loads(args.results.read_text())
         except json.JSONDecodeError as exc:
             raise HiFlowInputError("results", str(args.results), f"a JSON list of records ({exc})") from None
+        if isinstance(records, dict) and isinstance(records.get("records"), list):
+            records = records["records"]  # bench/gpu_check's merged gpu_check.json
         if not isinstance(records, list):
-            raise HiFlowInputError("results", str(args.results), "a JSON list of records")
+            raise HiFlowInputError("results", str(args.results), "a JSON list of records (or gpu_check.json)")
         plot_records(records, args.output, overwrite=args.overwrite)
     except HiFlowInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,12 +14,25 @@ import torch
 from hiflow_fast.bench import bench_all
 from hiflow_fast.bench import flux_shapes as fs
 
-# Keys every record of every benchmark carries (bench/common.py's make_record and ours).
+# Keys every record of every benchmark carries (bench/common.py's make_record).
 COMMON_KEYS = {"name", "device", "path", "median_s", "min_s", "max_s", "peak_bytes", "versions", "commit", "device_name"}
+# Floor-ratio names of the past: every benchmark now writes `fraction_of_floor` itself.
+OLD_FLOOR_NAMES = {"floor_fraction", "fraction_of_matmul", "of_floor", "matmul_flops_per_s", "cpu_threads"}
 # Keys of the records of the benchmarks of this suite (e2e, vae) and of merged `bench all` output.
 FLOOR_KEYS = {"floor_s", "fraction_of_floor", "flops", "matmul_rate_flops", "copy_bandwidth_bytes_per_s"}
 E2E_KEYS = COMMON_KEYS | FLOOR_KEYS | {"plan", "plan_spec", "stage", "model", "dtype", "estimated", "text_encoding_timed"}
 VAE_KEYS = COMMON_KEYS | FLOOR_KEYS | {"op", "size", "is_baseline", "tile_pixels"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """One torch thread: on a 2-core machine shared with other jobs, a 2-thread pool stalls at
+    every OpenMP barrier while the other core is busy (tiny convolutions then take 100x longer),
+    which made these seconds-long smoke runs take minutes. Nothing here asserts a timing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _run(name: str, tmp_path, *extra: str) -> list[dict]:
@@ -43,8 +56,13 @@ def test_benchmark_runs_at_smoke_size(name, tmp_path):
     for record in records:
         missing = COMMON_KEYS - set(record)
         assert not missing, f"{name} record lacks {sorted(missing)}"
+        assert not OLD_FLOOR_NAMES & set(record), f"{name} record uses {sorted(OLD_FLOOR_NAMES & set(record))}"
         assert record["device"] == "cpu"
         assert record["versions"]["torch"] == torch.__version__
+        if "floor_s" in record:  # the one floor vocabulary: fraction_of_floor = floor_s / median_s
+            assert record["fraction_of_floor"] == pytest.approx(record["floor_s"] / record["median_s"])
+    if name in ("guidance", "transformer"):
+        assert all("latent_hw" in r and r.get("fraction_of_floor") for r in records)
     if name == "vae":
         for record in records:
             assert not VAE_KEYS - set(record)
@@ -74,15 +92,53 @@ def test_bench_all_runs_e2e_and_merges(tmp_path):
     assert "official / ours" in markdown
 
 
-def test_outputs_are_never_overwritten_without_flag(tmp_path, capsys):
-    existing = tmp_path / "e2e.json"
-    existing.write_text("[]")
-    from hiflow_fast.bench import bench_e2e
+@pytest.mark.parametrize("name", ["all", "guidance", "transformer", "vae", "e2e"])
+def test_existing_output_is_refused_without_overwrite(name, tmp_path, capsys, monkeypatch):
+    """Every bench CLI refuses an existing output (status 2, one `error:` line naming
+    --overwrite) before it measures anything, and leaves the file as it was."""
+    from hiflow_fast.bench import common
 
-    status = bench_e2e.main(["--device", "cpu", "--model", "tiny", "--plans", "tiny", "--json", str(existing)])
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured before refusing the existing output")
+
+    monkeypatch.setattr(common, "run_environment", no_measuring)  # start() measures nothing before it
+    module = importlib.import_module(f"hiflow_fast.bench.bench_{name}")
+    for option in ("--json", "--markdown"):
+        existing = tmp_path / f"out{option[2:]}"
+        existing.write_text("keep")
+        status = module.main(["--device", "cpu", option, str(existing)])
+        assert status == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "--overwrite" in err and str(existing) in err
+        assert existing.read_text() == "keep"
+
+
+def test_overwrite_replaces_atomically_and_partial_json_grows(tmp_path):
+    """Outputs: refused without overwrite; `add` rewrites the JSON case by case (what a stopped
+    run leaves); with overwrite an existing file is replaced."""
+    from hiflow_fast.bench.common import Outputs
+    from hiflow_fast.errors import HiFlowInputError
+
+    path = tmp_path / "r.json"
+    outputs = Outputs(path)
+    outputs.add([{"name": "a"}])
+    assert json.loads(path.read_text()) == [{"name": "a"}]
+    outputs.add([{"name": "b"}])  # its own file: replaced without --overwrite
+    outputs.finish("", title="t")
+    assert [r["name"] for r in json.loads(path.read_text())] == ["a", "b"]
+    with pytest.raises(HiFlowInputError, match="--overwrite"):
+        Outputs(path)
+    again = Outputs(path, overwrite=True)
+    again.finish("", title="t")
+    assert json.loads(path.read_text()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary files left
+
+
+def test_bench_all_keep_parts_refuses_existing_parts(tmp_path, capsys):
+    (tmp_path / "vae.json").write_text("[]")
+    status = bench_all.main(["--device", "cpu", "--smoke", "--only", "vae", "--keep-parts", str(tmp_path)])
     assert status == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert existing.read_text() == "[]"
 
 
 @pytest.mark.parametrize(
@@ -250,15 +306,88 @@ def test_sampled_plan_and_custom_plans():
     assert plan.base == (1024, 1024, 30) and plan.stages == ((2048, 1536, 16),)
 
 
-def test_normalise_record_maps_other_benchmarks_floor_names():
-    guidance = bench_all.normalise_record({"floor_fraction": 0.5, "latent_hw": [128, 128]})
-    assert guidance["fraction_of_floor"] == 0.5 and guidance["label"] == "128x128"
-    transformer = bench_all.normalise_record({"fraction_of_matmul": 0.25, "flops": 10.0, "matmul_flops_per_s": 5.0})
-    assert transformer["fraction_of_floor"] == 0.25 and transformer["floor_s"] == 2.0
+def test_make_record_vocabulary():
+    from hiflow_fast.bench.common import Timing, make_record
+
+    env = {"versions": {}, "commit": None, "device_name": "cpu"}
+    record = make_record("x", "cpu", "ref", Timing(2.0, 1.0, 3.0, 3), 5, env, latent_hw=(4, 6), floor_s=0.5)
+    assert record["fraction_of_floor"] == 0.25 and record["label"] == "4x6" and record["latent_hw"] == [4, 6]
+    skipped = make_record("x", "cpu", "ref", None, None, env, floor_s=0.5, skipped="out of memory")
+    assert skipped["median_s"] is None and skipped["fraction_of_floor"] is None and skipped["repeats"] == 0
+    assert "latent_hw" not in skipped
 
 
-def test_nvml_degrades_without_gpu():
-    assert bench_all.nvml_snapshot("cpu") is None
+def test_nvml_degrades_without_gpu(monkeypatch):
+    """No GPU: None for a CPU device, and None (not an exception) when NVML cannot start."""
+    import sys
+    import types
+
+    from hiflow_fast.bench.common import nvml_snapshot
+
+    assert nvml_snapshot("cpu") is None
+
+    class NVMLError(Exception):
+        pass
+
+    def init():
+        raise NVMLError("LibraryNotFound")
+
+    fake = types.SimpleNamespace(NVMLError=NVMLError, nvmlInit=init, nvmlShutdown=lambda: None)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert nvml_snapshot("cuda:0") is None
+
+
+def test_nvml_field_the_driver_lacks_is_none(monkeypatch):
+    import sys
+    import types
+
+    from hiflow_fast.bench.common import nvml_snapshot
+
+    class NVMLError(Exception):
+        pass
+
+    def unsupported(*args):
+        raise NVMLError("NotSupported")
+
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: "h", nvmlDeviceGetHandleByPciBusId=unsupported,
+        nvmlSystemGetDriverVersion=lambda: b"580.1", nvmlDeviceGetName=lambda h: b"H100",
+        nvmlDeviceGetClockInfo=lambda h, k: 1980, nvmlDeviceGetMaxClockInfo=unsupported,
+        nvmlDeviceGetPowerUsage=lambda h: 350000, nvmlDeviceGetEnforcedPowerLimit=unsupported,
+        nvmlDeviceGetTemperature=lambda h, k: 40, nvmlDeviceGetMemoryInfo=unsupported,
+        NVML_CLOCK_SM=0, NVML_CLOCK_MEM=1, NVML_TEMPERATURE_GPU=0,
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    snap = nvml_snapshot("cuda:0")
+    assert snap["name"] == "H100" and snap["driver"] == "580.1" and snap["power_w"] == pytest.approx(350.0)
+    assert snap["max_sm_clock_mhz"] is None and snap["memory_total_bytes"] is None
+
+
+def test_guidance_uses_the_one_official_baseline():
+    """bench_guidance's official path is official_baseline's step plus the swin moves, and it
+    gives the reference path's outputs."""
+    from hiflow_fast.bench import bench_guidance, official_baseline
+
+    assert bench_guidance.official_guidance_step is official_baseline.official_guidance_step
+    assert not hasattr(bench_guidance, "official_butterworth_mask")
+    inputs = bench_guidance.make_inputs(16, torch.device("cpu"))
+    official = bench_guidance.path_fn("official", inputs)()
+    vectorised = bench_guidance.path_fn("official", inputs, for_memory=True)()
+    # The ref path starts from the state already on this step's grid: give it the official one.
+    inputs["state_cur"] = tuple(
+        official_baseline.swin_move_packed(s, inputs["next_hw"], inputs["hw"]) for s in inputs["state_prev"]
+    )
+    ref = bench_guidance.path_fn("ref", inputs)()
+    # The official step leaves the states on this step's grid; ref moves them onto the next one.
+    x_next, pred_x0, v, v_ref = official
+    hw, next_hw = inputs["hw"], inputs["next_hw"]
+    moved = (x_next, pred_x0, *(official_baseline.swin_move_packed(s, hw, next_hw) for s in (v, v_ref)))
+    for got, want in zip(moved, (ref.prev_sample, ref.pred_x0, ref.state.v, ref.state.v_ref)):
+        assert got.shape == want.shape
+        assert ((got - want).norm() / want.norm()) < 1e-5
+    for got, vec in zip(official, vectorised):
+        assert torch.equal(got, vec)
 
 
 def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
@@ -284,3 +413,39 @@ def test_plot_writes_png(tmp_path):
     out = tmp_path / "p.png"
     plot_records(records, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- bench/gpu_check ----------------------------------------------------------------------
+
+
+def _gpu_check_text() -> str:
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check"
+    if not path.exists():
+        pytest.skip("bench/gpu_check is not in this tree")
+    return path.read_text()
+
+
+def test_gpu_check_budgets_fit_and_match_its_table():
+    """The steps' timeouts sum to <= 450 s (the whole check within 8 minutes on an H100, so one
+    rerun fits 15 minutes of device time) and equal the table atop the script."""
+    import re
+
+    text = _gpu_check_text()
+    steps = {m.group(1): int(m.group(2)) for m in re.finditer(r"^step (\w+) (\d+) ", text, re.M)}
+    table = {m.group(1): int(m.group(2)) for m in re.finditer(r"^#   \| (\w+) +\| +(\d+) s \|", text, re.M)}
+    total = table.pop("total")
+    assert steps and steps == table
+    assert sum(steps.values()) == total <= 450
+    assert "TOTAL_BUDGET_S=450" in text
+
+
+def test_gpu_check_is_valid_bash():
+    import shutil
+    import subprocess
+
+    text = _gpu_check_text()
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
