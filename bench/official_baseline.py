@@ -6,9 +6,9 @@ guidance math -- the way the official implementation does it, so that a benchmar
 two on the same model, plan and inputs in one process:
 
 * transformer: the base stage with diffusers' stock `FluxAttnProcessor`; every high-res stage
-  with a processor that does the stock projections, rotates q and k with diffusers'
-  `apply_rotary_emb` (an fp32 copy of q and k, unfused) from a fresh `FluxPosEmbed` with theta x
-  ntk (float64 frequencies), and calls SDPA with the proportional-attention scale;
+  with a processor that does the stock projections, rotates q and k unfused in fp32 (copies of q
+  and k) from float64 RoPE tables with theta x ntk, and calls SDPA with the proportional-attention
+  scale: `hiflow_fast.transformer.patched_transformer`, our reference path, is exactly that;
 * guidance step: x0 and the velocities in fp32 on unpacked copies; the Butterworth mask rebuilt
   at every step by a Python double loop (one indexed assignment per latent pixel, i.e. one tiny
   kernel launch each on a GPU); two full complex FFT pairs with fftshift (one for x0, one for the
@@ -24,30 +24,20 @@ left out here (it is not part of the generation's device work).
 
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import (
-    FluxAttnProcessor,
-    FluxPosEmbed,
-    _get_qkv_projections,
-)
 
 from hiflow_fast import latents as L
 from hiflow_fast import vae as V
 from hiflow_fast.config import HiFlowConfig
 from hiflow_fast.errors import HiFlowInputError
 from hiflow_fast.pipeline import HiFlowOutput, StageStart, StepEnd
-from hiflow_fast.ref.attention import TRAINING_KEY_LENGTH
+from hiflow_fast.ref.guided_velocity import VELOCITY_EPS
 from hiflow_fast.ref.reference_flow import renoise
 from hiflow_fast.schedule import base_schedule
-
-# The official velocity epsilon: v = (x - x0) / (sigma + 1e-6).
-VELOCITY_EPS = 1e-6
+from hiflow_fast.transformer import patched_transformer
 
 
 # ---- guidance step --------------------------------------------------------------------------
@@ -127,55 +117,6 @@ def official_guidance_step(
 # ---- transformer ----------------------------------------------------------------------------
 
 
-class OfficialHiResAttnProcessor(FluxAttnProcessor):
-    """The official high-res attention: stock projections and norms, diffusers' fp32 RoPE, SDPA
-    with the proportional scale sqrt(log_4608(N) / d) (always on, as in the official code)."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        scale = math.sqrt(math.log(key.shape[1], TRAINING_KEY_LENGTH) / query.shape[-1])
-        hidden_states = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale=scale
-        ).transpose(1, 2)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
-
-
-@contextlib.contextmanager
-def _restored_transformer(transformer) -> Iterator[None]:
-    """The official pipeline swaps processors and RoPE for good; the baseline puts the user's back
-    afterwards so that the next path timed on the same model starts from the stock model."""
-    pos_embed = transformer.pos_embed
-    processors = dict(transformer.attn_processors)
-    try:
-        yield
-    finally:
-        transformer.pos_embed = pos_embed
-        transformer.set_attn_processor(processors)
-
-
 # ---- pipeline -------------------------------------------------------------------------------
 
 
@@ -232,7 +173,11 @@ class OfficialWayPipeline:
             )[0]
 
         tiling_before = getattr(vae, "use_tiling", False)
-        with _restored_transformer(transformer):
+        # The official processor (stock projections, diffusers-style fp32 RoPE from float64 tables with
+        # theta x ntk, SDPA with the proportional scale, always on) is our reference path exactly;
+        # the official code installs it for good, here it is undone afterwards.
+        with patched_transformer(transformer, proportional=True, attention="sdpa") as patch:
+            patch.use_base()
             # Base stage: stock processors and RoPE, a plain Euler step.
             guidance = self._guidance(config.guidance_scale, x.shape[0], device)
             img_ids = L.image_ids(*hw, device=device, dtype=dtype)
@@ -246,7 +191,6 @@ class OfficialWayPipeline:
                     callback(StepEnd(0, i, i, hw, x, pred_x0))
             L.check_finite(x, "after the base stage (official baseline)")
             vae.use_tiling = True  # the official pipeline tiles the VAE from here on
-            base_pos_embed = transformer.pos_embed
             try:
                 for k, stage in enumerate(config.stages, start=1):
                     size = (stage.height, stage.width)
@@ -260,10 +204,7 @@ class OfficialWayPipeline:
                     hw = L.latent_hw(*size)
                     if callback is not None:
                         callback(StageStart(k, guidance_latents, x, float(sigma_start)))
-                    transformer.set_attn_processor(OfficialHiResAttnProcessor())
-                    transformer.pos_embed = FluxPosEmbed(
-                        theta=base_pos_embed.theta * stage.ntk_factor, axes_dim=list(base_pos_embed.axes_dim)
-                    )
+                    patch.use_highres(stage.ntk_factor)
                     x, hw = self._highres_stage(
                         k, x, hw, stage, start, schedule, forward, pred_x0_by_index, config, device, callback
                     )

@@ -40,12 +40,10 @@ import functools
 import logging
 import math
 import time
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .backend import resolve_backend
 from .errors import HiFlowInputError
@@ -220,38 +218,26 @@ class FastHiFlowAttnProcessor(HiFlowAttnProcessor):
         if self.kernels == "triton":
             from .ops.qk_norm_rope import qk_norm_rope
 
-            query, key = qk_norm_rope(
-                query,
-                key,
-                q_weight,
-                k_weight,
-                rope_ids,
-                rope.axes_dim,
-                rope.theta,
-                1.0,
-                eps,
-                q_weight_txt=q_weight_txt,
-                k_weight_txt=k_weight_txt,
-                n_txt=n_txt,
-                inplace=True,
-            )
+            in_place = {"inplace": True}  # q and k are this processor's own projections
         else:
-            from .ref.qk_norm_rope import qk_norm_rope as qk_norm_rope_ref
+            from .ref.qk_norm_rope import qk_norm_rope
 
-            query, key = qk_norm_rope_ref(
-                query,
-                key,
-                q_weight,
-                k_weight,
-                rope_ids,
-                rope.axes_dim,
-                rope.theta,
-                1.0,
-                eps,
-                q_weight_txt=q_weight_txt,
-                k_weight_txt=k_weight_txt,
-                n_txt=n_txt,
-            )
+            in_place = {}
+        query, key = qk_norm_rope(
+            query,
+            key,
+            q_weight,
+            k_weight,
+            rope_ids,
+            rope.axes_dim,
+            rope.theta,
+            1.0,
+            eps,
+            q_weight_txt=q_weight_txt,
+            k_weight_txt=k_weight_txt,
+            n_txt=n_txt,
+            **in_place,
+        )
 
         head_dim = query.shape[-1]
         if self.proportional:
