@@ -129,7 +129,6 @@ def unit_checks(
     `guidance_step` (with the recorded previous state) and every stage entry through the VAE
     round trip (from the recorded previous-stage latents). Steps whose tensors the case does
     not hold are skipped."""
-    from . import latents as L
     from . import vae as V
     from .guidance import VelocityState, guidance_step
     from .ref.butterworth import butterworth_lowpass_mask

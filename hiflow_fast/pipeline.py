@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import latents as L
 from . import vae as V
 from .config import HiFlowConfig
-from .errors import HiFlowInputError, HiFlowModelError, NonFiniteLatentsError
+from .errors import HiFlowInputError, HiFlowModelError
 from .guidance import VelocityState, guidance_step
 from .ref.attention import duplicate_text
 from .ref.reference_flow import renoise

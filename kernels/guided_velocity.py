@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hiflow_fast.kernels.reference_flow import BICUBIC_A, bicubic_from_packed, packed_offset
+from hiflow_fast.kernels.reference_flow import bicubic_from_packed, packed_offset
 
 # The official velocity formula's epsilon: v = (x - x0) / (sigma + 1e-6).
 VELOCITY_EPS = 1e-6

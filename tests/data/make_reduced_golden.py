@@ -18,7 +18,6 @@ Kept: everything the conformance runner and tests read, except
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
