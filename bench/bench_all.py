@@ -199,7 +199,8 @@ def _main(argv: list[str] | None) -> int:
             sub_args = suite_args(name, args.device, quick=args.quick, smoke=args.smoke)
             sub_args += shlex.split(getattr(args, f"{name.replace('-', '_')}_args", "") or "")
             json_path, md_path = parts / f"{name}.json", parts / f"{name}.md"
-            argv_sub = ["--device", args.device, *sub_args, "--json", str(json_path), "--markdown", str(md_path)]
+            argv_sub = ["--device", args.device, "--cpu-allocator", args.cpu_allocator, *sub_args,
+                        "--json", str(json_path), "--markdown", str(md_path)]
             if args.overwrite and args.keep_parts is not None:
                 argv_sub.append("--overwrite")
             print(f"\n== {name}: hiflow-fast bench {name} {' '.join(shlex.quote(a) for a in argv_sub)}")

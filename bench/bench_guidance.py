@@ -171,7 +171,7 @@ def _main(argv: list[str] | None) -> int:
     device, outputs, environment = start(args)
     paths = args.paths
     bandwidth = copy_bandwidth(device)
-    print(f"device: {environment['device_name']}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{device_heading(environment, device)}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 
     rows = []
     for label, side in args.sizes:

@@ -16,6 +16,9 @@ Every bench_*.py measures through this module and nothing else:
   median (1.0 = at the floor).
 * Run facts (`run_environment`, `nvml_snapshot`, `device_heading`): versions, git commit,
   device name and NVML clocks/power/memory (None, never an error, without a GPU or NVML).
+* CPU allocator (`--cpu-allocator`, `retain_freed_memory`): by default a CPU run keeps freed
+  memory in the process, as CUDA's caching allocator does on a GPU, so that no path is timed
+  paying the kernel for fresh pages (see `retain_freed_memory`); `system` leaves glibc as is.
 * Records (`make_record`) and outputs (`Outputs`): one JSON object per measured case with the
   common keys name, device, latent_hw (where relevant), path, median_s, min_s, max_s, repeats,
   peak_bytes, floor_s / fraction_of_floor (where there is a floor), versions, commit,
@@ -27,6 +30,7 @@ Every bench_*.py measures through this module and nothing else:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -396,6 +400,52 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+# ---- CPU allocator --------------------------------------------------------------------------
+
+CPU_ALLOCATORS = ("retain", "system")
+# mallopt parameter numbers from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Blocks up to this size come from the heap (which is then never trimmed) instead of mmap.
+# glibc refuses thresholds above its own limit on some versions; 32 MiB (its documented
+# maximum on 64-bit) is the fallback, enough for every latent of a 4K step.
+_MMAP_THRESHOLDS = (1 << 30, 32 << 20)
+_cpu_allocator_state: str | None = None
+
+
+def retain_freed_memory() -> str:
+    """Make glibc keep the memory a process frees instead of returning it to the kernel.
+
+    glibc gives big blocks back at once (mmap'ed ones on free, the heap top once its free tail
+    passes the trim threshold), so a step that allocates 100 MiB of fresh tensors pays the
+    kernel for 25,000 new zeroed pages every time: on the 2-core VMs this project measures on
+    that is ~40 ms of a 70 ms guidance step, and varies from call to call with the heap's
+    history. PyTorch's CPU tuning guides reach the same end with jemalloc or tcmalloc; a GPU
+    benchmark never sees it (the caching allocator). Applies to the whole process, every path
+    alike, and cannot be undone; only the benchmark CLIs call it. Returns the state for the
+    records: "retain", or "system (...)" where glibc's mallopt is not there."""
+    global _cpu_allocator_state
+    if _cpu_allocator_state is not None:
+        return _cpu_allocator_state
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        _cpu_allocator_state = "system (no glibc mallopt)"
+        return _cpu_allocator_state
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    trimmed = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    mapped = any(mallopt(_M_MMAP_THRESHOLD, size) == 1 for size in _MMAP_THRESHOLDS)
+    _cpu_allocator_state = "retain" if trimmed and mapped else "system (mallopt refused)"
+    return _cpu_allocator_state
+
+
+def apply_cpu_allocator(choice: str) -> str:
+    """`--cpu-allocator`: "retain" applies `retain_freed_memory`; "system" changes nothing (and
+    says so when an earlier call in this process already retained)."""
+    if choice == "retain":
+        return retain_freed_memory()
+    return "retain (set earlier in this process)" if _cpu_allocator_state == "retain" else "system"
+
+
 def run_environment(device: torch.device | str) -> dict[str, Any]:
     """Versions, commit, device name and NVML snapshot of this run (stored in every record)."""
     device = torch.device(device)
@@ -417,7 +467,9 @@ def device_heading(environment: dict[str, Any], device: torch.device | str) -> s
     """What every table says about where it was measured; CPU numbers say so loudly."""
     name = environment.get("device_name")
     if torch.device(device).type == "cpu":
-        return f"CPU: {name} -- CPU timings of reduced models, not GPU results"
+        allocator = environment.get("cpu_allocator")
+        memory = f", allocator {allocator}" if allocator else ""
+        return f"CPU: {name}{memory} -- CPU timings of reduced models, not GPU results"
     return f"GPU: {name}"
 
 
@@ -555,6 +607,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, threads: bool = Fal
     parser.add_argument("--markdown", type=Path, help="write the tables to this markdown file")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the records (needs matplotlib)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="retain",
+                        help="CPU runs: 'retain' (default) keeps freed memory in the process so that no path "
+                             "is timed paying for fresh pages, as a GPU's caching allocator does; 'system' "
+                             "leaves glibc's default (timings then include page faults)")
     if threads:
         parser.add_argument("--threads", type=int, default=None,
                             help="CPU threads (torch.set_num_threads; default: torch's). On a CPU shared with "
@@ -579,7 +635,10 @@ def start(args: argparse.Namespace) -> tuple[torch.device, Outputs, dict[str, An
     if threads is not None:
         torch.set_num_threads(threads)
     device = torch.device(args.device)
-    return device, outputs, run_environment(device)
+    environment = run_environment(device)
+    if device.type == "cpu":
+        environment["cpu_allocator"] = apply_cpu_allocator(getattr(args, "cpu_allocator", "system"))
+    return device, outputs, environment
 
 
 def comma_list(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
