@@ -34,7 +34,13 @@ proportional scale; TFLOP/s and the ratio of ours to the fastest SDPA kernel. sd
 skipped beyond 8k tokens (it materialises L^2 scores).
 
 --full (GPU): the whole 19 + 38 block transformer with random weights, peak activation memory
-(peak allocated minus the weights) of one forward for stock and fast. --compile: also the fast
+(peak allocated minus the weights) of one forward for stock and fast.
+
+--count-memory (any machine, seconds): the same whole-transformer forward at FLUX.1-dev width
+run on fake tensors (bench/fake_memory.py), its peak activation bytes counted for every path:
+no timing, no GPU, exact tensor bytes (a lower bound of a GPU's figure by the library
+workspaces). The fast path is counted with its GPU kernels (the fused q/k norm + RoPE custom
+op), so fast-tables vs fast is what the fused RoPE saves. --compile: also the fast
 path through torch.compile + CUDA graphs (warm-up seconds per captured shape reported).
 
 Timing, memory, records and outputs come from bench/common.py (the shared harness).
@@ -290,7 +296,9 @@ def compiled_pair(model, inputs, device, repeats, attention, kernels, chunk_toke
 
 
 def fmt_bytes(n):
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def parse_sizes(text: str | None, quick: bool) -> dict[str, int]:
@@ -328,15 +336,82 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-attention", action="store_true", help="skip the attention backend table")
     parser.add_argument("--full", action="store_true", help="whole-transformer peak memory (19 + 38 blocks; GPU)")
     parser.add_argument("--compile", action="store_true", help="also time the fast path compiled + CUDA graphs (GPU)")
+    parser.add_argument("--count-memory", action="store_true",
+                        help="only count the peak activation memory of one whole-transformer forward (19 + 38 "
+                             "blocks, FLUX.1-dev width, --dtype default bf16) at --sizes (default 4k) on fake "
+                             "tensors: any machine, seconds, no timing")
     args = parser.parse_args(argv)
     args.paths = comma_list("--paths", args.paths, PATHS)
+    if args.count_memory and args.sizes is None:
+        args.sizes = "4k"
     args.sizes = parse_sizes(args.sizes, args.quick)
     return args
+
+
+def counted_forward_peaks(image_tokens, dims, dtype, paths, attention, kernels, chunk_tokens):
+    """{path: CountedPeak} of one whole-transformer forward (19 + 38 blocks) on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hiflow_fast.bench.fake_memory import count_peak_bytes
+
+    peaks = {}
+    with FakeTensorMode():
+        model = build_model("cpu", dtype, dims, double=DOUBLE_BLOCKS, single=SINGLE_BLOCKS)
+        inputs = model_inputs(model, image_tokens, dims["text"], "cpu", dtype)
+        for path in paths:
+            with PathContext(model, path, attention, kernels, chunk_tokens=chunk_tokens), torch.no_grad():
+                peaks[path] = count_peak_bytes(lambda: model(**inputs, return_dict=False)[0])
+    return peaks
+
+
+def _count_memory(args, device, outputs, environment) -> int:
+    """--count-memory: counted peak activation memory per path and size, one table."""
+    dtype = DTYPES[args.dtype or "bf16"]
+    dtype_name = str(dtype).removeprefix("torch.")
+    dims = QUICK if args.quick else FLUX
+    # The GPU path's kernels: the fused q/k norm + RoPE custom op (its fake implementation is
+    # what is counted; on a CPU Triton is switched to its interpreter, never run).
+    kernels = args.kernels or "triton"
+    rows, records = [], []
+    for label, image_tokens in args.sizes.items():
+        side = 2 * int(math.isqrt(image_tokens))
+        peaks = counted_forward_peaks(image_tokens, dims, dtype, args.paths, args.attention, kernels, args.chunk_tokens)
+        stock = peaks.get("stock")
+        for path, counted in peaks.items():
+            saving = None if stock is None else stock.peak_bytes - counted.peak_bytes
+            records.append(make_record(
+                f"{BENCH_NAME}.full_forward_peak_counted", device, path, None, counted.peak_bytes, environment,
+                latent_hw=(side, side), image_tokens=image_tokens, text_tokens=dims["text"], dtype=dtype_name,
+                blocks=[DOUBLE_BLOCKS, SINGLE_BLOCKS], method="fake-tensor count (bench/fake_memory.py)",
+                kernels=kernels if path.startswith("fast") else None, chunk_tokens=args.chunk_tokens,
+                retained_bytes=counted.retained_bytes, saving_vs_stock_bytes=saving, quick=args.quick,
+            ))
+            rows.append({"size": label, "tokens": image_tokens + dims["text"], "path": path,
+                         "peak": fmt_bytes(counted.peak_bytes), "vs_stock": fmt_bytes(saving)})
+            relation = "" if saving is None or path == "stock" else (
+                f" ({fmt_bytes(saving)} below stock)" if saving >= 0 else f" ({fmt_bytes(-saving)} above stock)")
+            print(f"  {label} {path}: counted peak activations {fmt_bytes(counted.peak_bytes)}{relation}")
+    outputs.add(records)
+    table = markdown_table(rows, [("size", "size"), ("tokens", "tokens"), ("path", "path"),
+                                  ("peak activations (counted)", "peak"), ("stock minus this", "vs_stock")])
+    title = (f"Peak activation memory of one forward ({DOUBLE_BLOCKS} + {SINGLE_BLOCKS} blocks, "
+             f"{'quick dims' if args.quick else 'FLUX.1-dev width'}, {dtype_name}), counted on fake tensors")
+    markdown = f"# {title}\n\nCommit {environment['commit']}; no GPU involved (see bench/fake_memory.py).\n\n{table}\n"
+    print()
+    print(table)
+    outputs.finish(markdown, title=title)
+    return 0
 
 
 def _main(argv: list[str] | None) -> int:
     args = _parse(argv)
     device, outputs, environment = start(args)
+    from hiflow_fast.interpreter import prepare_interpreter
+
+    # Triton on a CPU runs its interpreter, which must be chosen before diffusers imports triton.
+    prepare_interpreter("triton" if args.count_memory and not args.kernels else args.kernels, args.attention)
+    if args.count_memory:
+        return _count_memory(args, device, outputs, environment)
     paths, sizes = args.paths, args.sizes
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     dtype_name = str(dtype).removeprefix("torch.")
