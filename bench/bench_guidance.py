@@ -23,8 +23,9 @@ move (read x, v, the state and the reference; write x', x0 and the state; fp32) 
 copy bandwidth of the device.
 
 Timing, memory, records and outputs come from bench/common.py. The slow paths (official; fused
-through the interpreter on a CPU) run at most 3 timed repeats after one warm-up, each call
-timed on its own (`time_slow`: CUDA events without do_bench's L2 flush and its 8+ calls, which
+through the interpreter on a CPU) run at most 3 timed repeats after one warm-up; on a CPU the
+paths' timed calls are interleaved (`measure_interleaved`), so that a shared machine's slow
+periods fall on all of them alike. Each call is timed on its own (`time_slow`: CUDA events without do_bench's L2 flush and its 8+ calls, which
 at seconds per call do not change the median).
 """
 
@@ -45,11 +46,11 @@ from hiflow_fast.bench.common import (
     free_device_memory,
     make_record,
     markdown_table,
+    measure_interleaved,
     measure_time,
     peak_extra_bytes,
     start,
 )
-from hiflow_fast.bench.official_baseline import official_guidance_step, swin_move_packed
 from hiflow_fast.errors import HiFlowInputError
 from hiflow_fast.guidance import VelocityState, guidance_step
 from hiflow_fast.ref.butterworth import butterworth_lowpass_mask
@@ -83,6 +84,10 @@ def official_step(inputs: dict[str, Any], *, mask_fn=None):
     both stored velocity states cropped from the padded grid onto this step's grid, then the step
     (`official_guidance_step`), then the latents padded onto the next step's grid, each move an
     unpack -> F.pad / slice -> pack copy."""
+    # Imported here: official_baseline imports diffusers, which imports triton, and `--paths
+    # fused` on a CPU must switch Triton to its interpreter before that.
+    from hiflow_fast.bench.official_baseline import official_guidance_step, swin_move_packed
+
     hw, next_hw = inputs["hw"], inputs["next_hw"]
     v_prev, v_ref_prev = (swin_move_packed(state, next_hw, hw) for state in inputs["state_prev"])
     x_next, pred_x0, v, v_ref = official_guidance_step(
@@ -170,6 +175,11 @@ def _main(argv: list[str] | None) -> int:
     args = _parse(argv)
     device, outputs, environment = start(args)
     paths = args.paths
+    if "fused" in paths:
+        from hiflow_fast.interpreter import prepare_interpreter
+
+        # Triton on a CPU runs its interpreter, which must be chosen before triton is imported.
+        prepare_interpreter("triton", None)
     bandwidth = copy_bandwidth(device)
     print(f"{device_heading(environment, device)}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 
@@ -180,14 +190,24 @@ def _main(argv: list[str] | None) -> int:
         floor_s = floor_bytes / bandwidth
         row: dict[str, Any] = {"size": f"{label} ({CHANNELS}x{side}x{side})"}
         records = []
+        timed = []
         for path in paths:
             if path == "fused" and device.type == "cpu" and side > args.fused_cpu_max:
                 print(f"  {label}: fused skipped on cpu (interpreter; --fused-cpu-max {args.fused_cpu_max})")
                 continue
-            fn = path_fn(path, inputs)
-            slow = path == "official" or (path == "fused" and device.type == "cpu")
-            repeats = max(1, min(args.repeats, 3) if slow else args.repeats)
-            timing = measure_time(fn, device, repeats=repeats, warmup=1, slow=slow)
+            timed.append(path)
+        slow = {p for p in timed if p == "official" or (p == "fused" and device.type == "cpu")}
+        repeats = {p: max(1, min(args.repeats, 3) if p in slow else args.repeats) for p in timed}
+        if device.type == "cpu":
+            # A shared CPU's slow periods would otherwise fall on one path only (the official
+            # path's 3 calls take seconds): interleave the paths' calls.
+            timings = measure_interleaved({p: path_fn(p, inputs) for p in timed}, device, repeats, warmup=1)
+        else:
+            timings = {p: measure_time(path_fn(p, inputs), device, repeats=repeats[p], warmup=1, slow=p in slow)
+                       for p in timed}
+        free_device_memory(device)
+        for path in timed:
+            timing = timings[path]
             free_device_memory(device)
             peak = peak_extra_bytes(path_fn(path, inputs, for_memory=device.type == "cpu"), device)
             record = make_record(

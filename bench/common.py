@@ -2,7 +2,8 @@
 
 Every bench_*.py measures through this module and nothing else:
 
-* Timing (`measure_time`, `time_slow`): median / min / max over warmed-up repeats. On a GPU,
+* Timing (`measure_time`, `time_slow`, `measure_interleaved`): median / min / max over
+  warmed-up repeats (interleaved across paths where a ratio of paths is the result). On a GPU,
   `measure_time` uses `triton.testing.do_bench` (CUDA events, L2 flushed between runs, topped up
   with plain event timings when a slow op gets few samples); `time_slow` (ops of tens of
   milliseconds or more) times each call with CUDA events and no flush. On the CPU both are
@@ -105,6 +106,29 @@ def measure_time(
     for _ in range(warmup):
         fn()
     return Timing.of(_timed_calls(fn, device, max(1, repeats)))
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device | str, repeats: dict[str, int], *, warmup: int = 1
+) -> dict[str, Timing]:
+    """`measure_time` for several paths at once, their timed calls interleaved: every path is
+    warmed up, then the calls go round-robin, a path with fewer repeats spread evenly over the
+    rounds. On a shared machine a slow period then lands on every path instead of on whichever
+    happened to be running, so the ratio of medians is stable. Each call is timed on its own
+    (CUDA events on a GPU, perf_counter otherwise)."""
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    rounds = max(repeats.values())
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(rounds):
+        for name, fn in fns.items():
+            # Path `name` runs in the rounds where its share of the calls crosses an integer.
+            wanted = max(1, repeats[name])
+            if (round_index + 1) * wanted // rounds > round_index * wanted // rounds:
+                samples[name] += _timed_calls(fn, device, 1)
+    return {name: Timing.of(values) for name, values in samples.items()}
 
 
 def time_slow(fn: Callable[[], Any], device: torch.device | str, *, repeats: int = 3, warmup: int = 1) -> Timing:

@@ -53,7 +53,6 @@ def resolve_backend(requested: str | None, *, device: torch.device | str | None 
     return _resolve(requested, device_type, field)
 
 
-@torch.compiler.assume_constant_result
 def _resolve(requested: str | None, device_type: str | None, field: str) -> str:
     name, source = _normalise(requested, field)
     if name == "ref":
@@ -68,6 +67,14 @@ def _resolve(requested: str | None, device_type: str | None, field: str) -> str:
         raise HiFlowInputError("device", device_type, "'cuda' or 'cpu' for the triton backend")
     load_triton_ops(interpret=device_type == "cpu" or not torch.cuda.is_available())
     return "triton"
+
+
+# A trace-time constant under torch.compile: what `torch.compiler.assume_constant_result` does
+# (it sets this attribute), without calling it, because it imports torch._dynamo, which imports
+# triton, and importing this module must leave entry points free to switch Triton to its
+# interpreter first. tests/test_interpreter.py checks the attribute is still the decorator's.
+_DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
+setattr(_resolve, _DYNAMO_CONSTANT_MARK, True)
 
 
 def load_triton_ops(*, interpret: bool | None = None):

@@ -363,13 +363,14 @@ def _guidance_step_torch(
     if state.v is not None:
         # v <- v + beta * ((v_prev - v_ref_prev) - (v - v_ref))
         #    = lerp(v, v_ref, beta) + beta * (v_prev - v_ref_prev)
+        # (The difference first, then one add: the same arithmetic whether the state arrives on
+        # this grid or is moved here, so folding the swin moves into the step changes no bit.)
         v.lerp_(v_ref, beta)
-        if tuple(state.hw) == (h, w):
-            v.add_(state.v, alpha=beta).sub_(state.v_ref, alpha=beta)
-        else:
-            state_delta = torch.sub(state.v.float(), state.v_ref.float())
-            v.add_(_swin_move_into(torch.empty_like(v), state_delta, tuple(state.hw)), alpha=beta)
-            del state_delta
+        state_delta = torch.sub(state.v, state.v_ref, out=torch.empty_like(v) if tuple(state.hw) == (h, w) else None)
+        if tuple(state.hw) != (h, w):
+            state_delta = _swin_move_into(torch.empty_like(v), state_delta.float(), tuple(state.hw))
+        v.add_(state_delta, alpha=beta)
+        del state_delta
 
     step = sigma_next - sigma
     if not moving:
@@ -380,15 +381,14 @@ def _guidance_step_torch(
     def moved(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return _swin_move_into(torch.empty(out_shape, dtype=dtype, device=sample.device), t, (h, w))
 
+    # x' on this grid, then moved: bit-identical to a step without next_hw plus a separate pad or
+    # crop (the same add on the same layout), and rounded once to the output dtype.
+    x_here = torch.add(sample, v, alpha=step)
     v_ref_out = moved(v_ref, torch.float32)
     del v_ref
-    if model_output.dtype == torch.float32:
-        v_out = moved(v, torch.float32)
-        del v
-        x_next = moved(sample, torch.float32).add_(v_out, alpha=step)
-    else:  # x' rounded once, from fp32, as the reference does
-        x_next = moved(torch.add(sample, v, alpha=step), model_output.dtype)
-        v_out = moved(v, torch.float32)
+    v_out = moved(v, torch.float32)
+    del v
+    x_next = moved(x_here, model_output.dtype)
     return GuidanceStepOutput(prev_sample=x_next, pred_x0=pred_x0, state=VelocityState(v_out, v_ref_out, tuple(out_hw)))
 
 

@@ -364,13 +364,18 @@ def test_nvml_field_the_driver_lacks_is_none(monkeypatch):
     assert snap["max_sm_clock_mhz"] is None and snap["memory_total_bytes"] is None
 
 
-def test_guidance_uses_the_one_official_baseline():
+def test_guidance_uses_the_one_official_baseline(monkeypatch):
     """bench_guidance's official path is official_baseline's step plus the swin moves, and it
     gives the reference path's outputs."""
     from hiflow_fast.bench import bench_guidance, official_baseline
 
-    assert bench_guidance.official_guidance_step is official_baseline.official_guidance_step
     assert not hasattr(bench_guidance, "official_butterworth_mask")
+    calls = []
+    step = official_baseline.official_guidance_step
+    monkeypatch.setattr(official_baseline, "official_guidance_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    bench_guidance.path_fn("official", bench_guidance.make_inputs(8, torch.device("cpu")))()
+    assert calls == [1]
+    monkeypatch.undo()
     inputs = bench_guidance.make_inputs(16, torch.device("cpu"))
     official = bench_guidance.path_fn("official", inputs)()
     vectorised = bench_guidance.path_fn("official", inputs, for_memory=True)()

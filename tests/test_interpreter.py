@@ -46,3 +46,29 @@ def test_entry_point_modules_do_not_import_triton(tmp_path):
     code = "import sys, hiflow_fast.interpreter, hiflow_fast.cli, hiflow_fast.conformance; print('triton' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_backend_module_marks_resolution_constant_as_torch_compiler_would():
+    """hiflow_fast.backend marks `_resolve` a trace-time constant by the attribute that
+    torch.compiler.assume_constant_result sets (calling the decorator would import triton at
+    import time); if torch renames it, this fails instead of compiled steps graph-breaking."""
+    from hiflow_fast import backend
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert getattr(marked, backend._DYNAMO_CONSTANT_MARK, False) is True
+    assert getattr(backend._resolve, backend._DYNAMO_CONSTANT_MARK) is True
+
+
+def test_importing_the_guidance_step_leaves_triton_unimported():
+    """Entry points may switch Triton to its interpreter after importing hiflow_fast.guidance and
+    the guidance benchmark (they must not import triton, directly or through torch._dynamo)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hiflow_fast.guidance, hiflow_fast.bench.bench_guidance, hiflow_fast.bench.bench_transformer; "
+            "print('triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "False"
