@@ -15,17 +15,17 @@ then "auto": Triton for CUDA tensors, the reference otherwise).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from . import latents as L
 from .backend import resolve_backend
+from .bicubic import bicubic_resize
 from .errors import HiFlowInputError
 from .ref.butterworth import butterworth_lowpass_mask_rfft
 from .ref.guided_velocity import VELOCITY_EPS, guided_velocity_update
-from .ref.haar_blend import haar_lowpass, haar_lowpass_blend
+from .ref.haar_blend import haar_lowpass_blend
 from .ref.reference_flow import latent_reference
 from .ref.spectral_blend import spectral_lowpass_blend
 
@@ -216,44 +216,14 @@ def _pack_into(out: torch.Tensor, unpacked: torch.Tensor, scratch: torch.Tensor 
     return out
 
 
-# PyTorch's bicubic convolution parameter (Keys' A), as in F.interpolate(mode="bicubic").
-_BICUBIC_A = -0.75
-
-
-@functools.lru_cache(maxsize=16)
-def _bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """[n_out, n_in] fp32 matrix M with M @ y == 1-D bicubic resize of y (align_corners=False,
-    A = -0.75, clamped taps), weights computed in fp32 exactly as PyTorch's kernel does."""
-    a = _BICUBIC_A
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
-    src = (torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5
-    first = torch.floor(src)
-    t = src - first
-    s0, s2 = t + 1.0, 1.0 - t
-    s3 = s2 + 1.0
-    taps = (
-        ((a * s0 - 5.0 * a) * s0 + 8.0 * a) * s0 - 4.0 * a,
-        ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0,
-        ((a + 2.0) * s2 - (a + 3.0)) * s2 * s2 + 1.0,
-        ((a * s3 - 5.0 * a) * s3 + 8.0 * a) * s3 - 4.0 * a,
-    )
-    matrix = torch.zeros(n_out, n_in, dtype=torch.float32)
-    rows = torch.arange(n_out)
-    for k, weight in enumerate(taps):
-        cols = (first.long() - 1 + k).clamp(0, n_in - 1)  # clamped borders accumulate
-        matrix.index_put_((rows, cols), weight, accumulate=True)
-    return matrix
-
-
 def _reference_upsample(ref_x0: torch.Tensor, ref_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
-    """`latent_reference` (bicubic, fp32 [B, C, h, w]). On a CPU as two matrix products with the
-    separable weights (2-3x faster than F.interpolate there, equal to ~1e-7); elsewhere, or when
-    fp32 matmuls may be reduced-precision, F.interpolate itself."""
+    """`latent_reference` (bicubic, fp32 [B, C, h, w]). On a CPU as separable matrix products with
+    PyTorch's weights (`hiflow_fast.bicubic`: banded for HiFlow's 2x stages, 2-4x faster than
+    F.interpolate there, equal to ~1e-7); elsewhere, or when fp32 matmuls may be
+    reduced-precision, F.interpolate itself."""
     if ref_x0.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
         return latent_reference(ref_x0, ref_hw, hw)
-    ref = L.unpack(ref_x0, *ref_hw).float()
-    rows, cols = _bicubic_matrix(ref_hw[0], hw[0]), _bicubic_matrix(ref_hw[1], hw[1])
-    return torch.matmul(rows, torch.matmul(ref, cols.t()))
+    return bicubic_resize(L.unpack(ref_x0, *ref_hw), hw)
 
 
 def _swin_move_into(out: torch.Tensor, packed: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
