@@ -174,48 +174,6 @@ def _check_step_inputs(sample, model_output, ref_x0, hw, ref_hw, next_hw, struct
     return out_hw
 
 
-def _split(unpacked: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] (any strides) as a view [B, C, h/2, 2, w/2, 2]."""
-    b, c, h, w = unpacked.shape
-    return unpacked.view(b, c, h // 2, 2, w // 2, 2)
-
-
-# An integer dtype as wide as two elements of a float dtype: a 2x2 patch row (dx = 0, 1) moves as
-# one element, which halves the element count of the transposing copy.
-_PAIR_DTYPE = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
-
-
-def _unpack_into(out: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Copy packed [B, (h/2)(w/2), 4C] (contiguous, out's dtype) into the contiguous [B, C, h, w]
-    tensor `out`, the (dx = 0, 1) pairs moved as single wide elements: ~2x faster on a CPU than a
-    6-D permuted copy, and faster than reading the packed tensor through a strided view."""
-    b, c, h, w = out.shape
-    pair = _PAIR_DTYPE[out.dtype]
-    source = packed.view(b, h // 2, w // 2, c, 2, 2).view(pair).squeeze(-1)  # [B, h/2, w/2, C, dy]
-    out.view(b, c, h // 2, 2, w // 2, 2).view(pair).squeeze(-1).copy_(source.permute(0, 3, 1, 4, 2))
-    return out
-
-
-def _pack_into(out: torch.Tensor, unpacked: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy [B, C, h, w] (any strides) into the packed [B, (h/2)(w/2), 4C] tensor `out`, with the
-    dtype conversion folded in. Two copies: first whole row pairs are gathered ([B, h/2, C, 2, w],
-    long contiguous runs, converting the dtype), then the (dx = 0, 1) pairs are moved as single
-    wide elements into patch order. One direct 6-D permuted copy is ~3x slower on a CPU.
-    `scratch`: a contiguous tensor of out's dtype with at least out.numel() elements to hold the
-    gathered rows (default: a new one)."""
-    b, c, h, w = unpacked.shape
-    shape = (b, h // 2, c, 2, w // 2, 2)
-    if scratch is None:
-        rows = torch.empty(shape, dtype=out.dtype, device=unpacked.device)
-    else:
-        rows = scratch.view(-1)[: out.numel()].view(shape)
-    rows.copy_(_split(unpacked).permute(0, 2, 1, 3, 4, 5))
-    pair = _PAIR_DTYPE[out.dtype]
-    target = out.view(b, h // 2, w // 2, c, 2, 2).view(pair).squeeze(-1)  # [B, h/2, w/2, C, 2]
-    target.copy_(rows.view(pair).squeeze(-1).permute(0, 1, 4, 2, 3))
-    return out
-
-
 def _reference_upsample(ref_x0: torch.Tensor, ref_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
     """`latent_reference` (bicubic, fp32 [B, C, h, w]). On a CPU as separable matrix products with
     PyTorch's weights (`hiflow_fast.bicubic`: banded for HiFlow's 2x stages, 2-4x faster than
@@ -224,33 +182,6 @@ def _reference_upsample(ref_x0: torch.Tensor, ref_hw: tuple[int, int], hw: tuple
     if ref_x0.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
         return latent_reference(ref_x0, ref_hw, hw)
     return bicubic_resize(L.unpack(ref_x0, *ref_hw), hw)
-
-
-def _swin_move_into(out: torch.Tensor, packed: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Copy packed latents on the grid `hw` into `out`, packed on the grid one swin pad larger
-    (hw + 2, zero ring) or one crop smaller (hw - 2), without unpacking.
-
-    A pad shifts every latent pixel by one, so output patch P, phase d (0 or 1, per axis) holds
-    input patch P - 1 + d, phase 1 - d; a crop the reverse, input patch P + d, phase 1 - d.
-    That is four strided copies, one per output phase (dy, dx), each a quarter of the latent,
-    plus zeroing the patch row and column each phase misses when padding."""
-    b, tokens, features = packed.shape
-    h, w = hw
-    grow = out.shape[1] > tokens
-    oh, ow = (h + 2, w + 2) if grow else (h - 2, w - 2)
-    source = packed.view(b, h // 2, w // 2, features // 4, 2, 2)
-    target = out.view(b, oh // 2, ow // 2, features // 4, 2, 2)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            phase = target[..., dy, dx]
-            if grow:
-                rows, cols = slice(1 - dy, h // 2 + 1 - dy), slice(1 - dx, w // 2 + 1 - dx)
-                phase[:, rows, cols].copy_(source[..., 1 - dy, 1 - dx])
-                phase[:, 0 if dy == 0 else -1].zero_()
-                phase[:, :, 0 if dx == 0 else -1].zero_()
-            else:
-                phase.copy_(source[:, dy : dy + oh // 2, dx : dx + ow // 2, :, 1 - dy, 1 - dx])
-    return out
 
 
 def _guidance_step_torch(
@@ -281,7 +212,8 @@ def _guidance_step_torch(
     * one real FFT pair, 1 / (sigma + 1e-6) and alpha folded into the (small) mask; the Haar
       low-pass needs no unpacking at all (on even grids it is the mean of each token's patch);
     * the acceleration term as a lerp; the swin move onto `out_hw` as four phase copies per
-      output (no unpack), each output allocated after the buffer it replaces is released.
+      output (no unpack); packed temporaries are allocated at the larger grid's size, so that
+      each moved output can reuse the memory of the temporary released before it.
 
     Peak beyond the four outputs, measured at the 4K latent: ~3.8 latents (the unpacked
     difference, its spectrum, the scratch of the packs and irfft2's own temporaries)."""
@@ -306,17 +238,17 @@ def _guidance_step_torch(
     # lowpass = alpha * LP(ref - x0) / d (alpha and the velocity's 1 / d folded in), packed.
     if structure_guidance == "fft":
         work = torch.empty_like(image)
-        image.sub_(_unpack_into(work, pred_x0))  # image = ref - x0
+        image.sub_(L.unpack_into(work, pred_x0))  # image = ref - x0
         spectrum = torch.fft.rfft2(image, dim=(-2, -1))
-        difference = _pack_into(packed_buffer(), image, scratch=work)
+        difference = L.pack_into(packed_buffer(), image, scratch=work)
         mask = butterworth_lowpass_mask_rfft(h, w, filter_ratio, butterworth_order, device=sample.device)
         spectrum.mul_(mask * (alpha / denom))
         torch.fft.irfft2(spectrum, s=(h, w), dim=(-2, -1), out=image)  # image = lowpass
         del spectrum
-        lowpass = _pack_into(packed_buffer(), image, scratch=work).view(b, tokens, channels, 4)
+        lowpass = L.pack_into(packed_buffer(), image, scratch=work).view(b, tokens, channels, 4)
         del work, image
     else:
-        difference = _pack_into(packed_buffer(), image).sub_(pred_x0)
+        difference = L.pack_into(packed_buffer(), image).sub_(pred_x0)
         del image
         # Haar on an even grid: every 2x2 patch replaced by its mean; [B, N, C, 1] broadcasts.
         lowpass = difference.view(b, tokens, channels, 4).mean(dim=-1, keepdim=True).mul_(alpha / denom)
@@ -336,9 +268,11 @@ def _guidance_step_torch(
         # (The difference first, then one add: the same arithmetic whether the state arrives on
         # this grid or is moved here, so folding the swin moves into the step changes no bit.)
         v.lerp_(v_ref, beta)
-        state_delta = torch.sub(state.v, state.v_ref, out=torch.empty_like(v) if tuple(state.hw) == (h, w) else None)
-        if tuple(state.hw) != (h, w):
-            state_delta = _swin_move_into(torch.empty_like(v), state_delta.float(), tuple(state.hw))
+        if tuple(state.hw) == (h, w):
+            state_delta = torch.sub(state.v, state.v_ref, out=torch.empty_like(v))
+        else:
+            state_delta = torch.sub(state.v.float(), state.v_ref.float())
+            state_delta = L.swin_move_into(torch.empty_like(v), state_delta, tuple(state.hw))
         v.add_(state_delta, alpha=beta)
         del state_delta
 
@@ -349,7 +283,7 @@ def _guidance_step_torch(
         return GuidanceStepOutput(prev_sample=x_next, pred_x0=pred_x0, state=VelocityState(v, v_ref, (h, w)))
 
     def moved(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _swin_move_into(torch.empty(out_shape, dtype=dtype, device=sample.device), t, (h, w))
+        return L.swin_move_into(torch.empty(out_shape, dtype=dtype, device=sample.device), t, (h, w))
 
     # x' on this grid, then moved: bit-identical to a step without next_hw plus a separate pad or
     # crop (the same add on the same layout), and rounded once to the output dtype.

@@ -58,6 +58,81 @@ def swin_crop_packed(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return pack(swin_crop(unpack(latents, h, w)).contiguous())
 
 
+# ---- fast layout copies (the CPU guidance step) ---------------------------------------------
+# `pack`/`unpack`/`swin_pad_packed` above are the plain definitions; these write into a given
+# buffer and are arranged for a CPU, where a permuted copy with a short inner loop costs several
+# times a plain one. Each equals its plain counterpart bit for bit (tests/test_latents.py).
+
+
+def _split(unpacked: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] (any strides) as a view [B, C, h/2, 2, w/2, 2]."""
+    b, c, h, w = unpacked.shape
+    return unpacked.view(b, c, h // 2, 2, w // 2, 2)
+
+
+# An integer dtype as wide as two elements of a float dtype: a 2x2 patch row (dx = 0, 1) moves as
+# one element, which halves the element count of the transposing copy.
+_PAIR_DTYPE = {torch.float32: torch.int64, torch.float16: torch.int32, torch.bfloat16: torch.int32}
+
+
+def unpack_into(out: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Copy packed [B, (h/2)(w/2), 4C] (contiguous, out's dtype) into the contiguous [B, C, h, w]
+    tensor `out`, the (dx = 0, 1) pairs moved as single wide elements: ~2x faster on a CPU than a
+    6-D permuted copy, and faster than reading the packed tensor through a strided view."""
+    b, c, h, w = out.shape
+    pair = _PAIR_DTYPE[out.dtype]
+    source = packed.view(b, h // 2, w // 2, c, 2, 2).view(pair).squeeze(-1)  # [B, h/2, w/2, C, dy]
+    out.view(b, c, h // 2, 2, w // 2, 2).view(pair).squeeze(-1).copy_(source.permute(0, 3, 1, 4, 2))
+    return out
+
+
+def pack_into(out: torch.Tensor, unpacked: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy [B, C, h, w] (any strides) into the packed [B, (h/2)(w/2), 4C] tensor `out`, with the
+    dtype conversion folded in. Two copies: first whole row pairs are gathered ([B, h/2, C, 2, w],
+    long contiguous runs, converting the dtype), then the (dx = 0, 1) pairs are moved as single
+    wide elements into patch order. One direct 6-D permuted copy is ~3x slower on a CPU.
+    `scratch`: a contiguous tensor of out's dtype with at least out.numel() elements to hold the
+    gathered rows (default: a new one)."""
+    b, c, h, w = unpacked.shape
+    shape = (b, h // 2, c, 2, w // 2, 2)
+    if scratch is None:
+        rows = torch.empty(shape, dtype=out.dtype, device=unpacked.device)
+    else:
+        rows = scratch.view(-1)[: out.numel()].view(shape)
+    rows.copy_(_split(unpacked).permute(0, 2, 1, 3, 4, 5))
+    pair = _PAIR_DTYPE[out.dtype]
+    target = out.view(b, h // 2, w // 2, c, 2, 2).view(pair).squeeze(-1)  # [B, h/2, w/2, C, 2]
+    target.copy_(rows.view(pair).squeeze(-1).permute(0, 1, 4, 2, 3))
+    return out
+
+
+def swin_move_into(out: torch.Tensor, packed: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Copy packed latents on the grid `hw` into `out`, packed on the grid one swin pad larger
+    (hw + 2, zero ring) or one crop smaller (hw - 2), without unpacking.
+
+    A pad shifts every latent pixel by one, so output patch P, phase d (0 or 1, per axis) holds
+    input patch P - 1 + d, phase 1 - d; a crop the reverse, input patch P + d, phase 1 - d.
+    That is four strided copies, one per output phase (dy, dx), each a quarter of the latent,
+    plus zeroing the patch row and column each phase misses when padding."""
+    b, tokens, features = packed.shape
+    h, w = hw
+    grow = out.shape[1] > tokens
+    oh, ow = (h + 2, w + 2) if grow else (h - 2, w - 2)
+    source = packed.view(b, h // 2, w // 2, features // 4, 2, 2)
+    target = out.view(b, oh // 2, ow // 2, features // 4, 2, 2)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            phase = target[..., dy, dx]
+            if grow:
+                rows, cols = slice(1 - dy, h // 2 + 1 - dy), slice(1 - dx, w // 2 + 1 - dx)
+                phase[:, rows, cols].copy_(source[..., 1 - dy, 1 - dx])
+                phase[:, 0 if dy == 0 else -1].zero_()
+                phase[:, :, 0 if dx == 0 else -1].zero_()
+            else:
+                phase.copy_(source[:, dy : dy + oh // 2, dx : dx + ow // 2, :, 1 - dy, 1 - dx])
+    return out
+
+
 def image_ids(h: int, w: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Flux image position ids [(h/2)(w/2), 3] = (0, row, column) of each token."""
     rows = torch.arange(h // PATCH, device=device, dtype=dtype)

@@ -90,26 +90,6 @@ def test_backends_match_reference(backend, structure_guidance, state_hw, next_hw
     assert_outputs_close(got, want)
 
 
-@pytest.mark.parametrize("hw", [(10, 14), (6, 6), (18, 10)])
-@pytest.mark.parametrize("direction", ["pad", "crop"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swin_move_without_unpacking_matches_unpack_pad_pack(hw, direction, dtype):
-    """The ref backend's phase-copy swin move equals the official unpack -> F.pad/slice -> pack,
-    bit for bit (a copy), with the pad ring zero even where the output buffer held garbage."""
-    from hiflow_fast.guidance import _swin_move_into
-
-    g = torch.Generator().manual_seed(100 * hw[0] + hw[1] + (direction == "pad"))
-    latents = torch.randn(2, (hw[0] // 2) * (hw[1] // 2), 12, generator=g)
-    if direction == "pad":
-        want, out_hw = L.swin_pad_packed(latents, *hw), (hw[0] + 2, hw[1] + 2)
-    else:
-        want, out_hw = L.swin_crop_packed(latents, *hw), (hw[0] - 2, hw[1] - 2)
-    out = torch.full((2, (out_hw[0] // 2) * (out_hw[1] // 2), 12), float("nan"), dtype=dtype)
-    got = _swin_move_into(out, latents, hw)
-    assert got is out
-    assert torch.equal(got, want.to(dtype))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_latents(backend):
     """bf16 sample/model output: fp32 math, prev_sample in bf16 (rounded once, like the
