@@ -440,11 +440,12 @@ def retain_freed_memory() -> str:
     """Make glibc keep the memory a process frees instead of returning it to the kernel.
 
     glibc gives big blocks back at once (mmap'ed ones on free, the heap top once its free tail
-    passes the trim threshold), so a step that allocates 100 MiB of fresh tensors pays the
-    kernel for 25,000 new zeroed pages every time: on the 2-core VMs this project measures on
-    that is ~40 ms of a 70 ms guidance step, and varies from call to call with the heap's
-    history. PyTorch's CPU tuning guides reach the same end with jemalloc or tcmalloc; a GPU
-    benchmark never sees it (the caching allocator). Applies to the whole process, every path
+    passes the trim threshold), so a call that allocates large tensors may pay the kernel for
+    new zeroed pages (~0.25 ms per MiB on the 2-core VMs this project measures on), by an amount
+    set by the heap's history more than by the code being timed: 0 to 150 MiB of faults per
+    call for the same 4K guidance step in different process histories. PyTorch's CPU tuning
+    guides reach the same end with jemalloc or tcmalloc; a GPU benchmark never sees it (the
+    caching allocator). Applies to the whole process, every path
     alike, and cannot be undone; only the benchmark CLIs call it. Returns the state for the
     records: "retain", or "system (...)" where glibc's mallopt is not there."""
     global _cpu_allocator_state

@@ -58,10 +58,14 @@ class _LiveStorageCounter(TorchDispatchMode):
         # op's result exists (the count follows Python's reference counting).
         self.release_dead()
         returns = func._schema.returns
-        for index, value in enumerate(result if isinstance(result, (tuple, list)) else (result,)):
+        values = result if isinstance(result, (tuple, list)) else (result,)
+        for index, value in enumerate(values):
             if not isinstance(value, torch.Tensor):
                 continue
-            if index < len(returns) and returns[index].alias_info is not None:
+            # One schema return may be a whole Tensor[] (split, chunk, unbind): its annotation
+            # covers every element.
+            schema_return = returns[index] if len(returns) == len(values) else returns[0]
+            if schema_return.alias_info is not None:
                 continue  # a view, or the input an in-place / out= op wrote
             storage = value.untyped_storage()
             ref = StorageWeakRef(storage)

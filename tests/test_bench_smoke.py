@@ -38,7 +38,8 @@ def _one_cpu_thread():
 def _run(name: str, tmp_path, *extra: str) -> list[dict]:
     module = importlib.import_module(f"hiflow_fast.bench.bench_{name}")
     out = tmp_path / f"{name}.json"
-    status = module.main(["--device", "cpu", *bench_all.suite_args(name, "cpu", smoke=True), *extra, "--json", str(out)])
+    status = module.main(["--device", "cpu", "--cpu-allocator", "system", *bench_all.suite_args(name, "cpu", smoke=True),
+                          *extra, "--json", str(out)])
     assert status == 0
     records = json.loads(out.read_text())
     assert records, f"bench {name} wrote no records"
@@ -75,7 +76,8 @@ def test_bench_all_runs_e2e_and_merges(tmp_path):
     """`bench all --smoke --only e2e`: the cascade benchmark through the suite runner, merged
     JSON and markdown, both paths, every stage, CPU labelled as CPU."""
     json_path, md_path = tmp_path / "all.json", tmp_path / "all.md"
-    status = bench_all.main(["--device", "cpu", "--smoke", "--only", "e2e", "--json", str(json_path), "--markdown", str(md_path)])
+    status = bench_all.main(["--device", "cpu", "--cpu-allocator", "system", "--smoke", "--only", "e2e", "--json",
+                             str(json_path), "--markdown", str(md_path)])
     assert status == 0
     records = json.loads(json_path.read_text())
     for record in records:
@@ -136,7 +138,8 @@ def test_overwrite_replaces_atomically_and_partial_json_grows(tmp_path):
 
 def test_bench_all_keep_parts_refuses_existing_parts(tmp_path, capsys):
     (tmp_path / "vae.json").write_text("[]")
-    status = bench_all.main(["--device", "cpu", "--smoke", "--only", "vae", "--keep-parts", str(tmp_path)])
+    status = bench_all.main(["--device", "cpu", "--cpu-allocator", "system", "--smoke", "--only", "vae", "--keep-parts",
+                             str(tmp_path)])
     assert status == 2
     assert "--overwrite" in capsys.readouterr().err
 
@@ -165,7 +168,7 @@ def test_e2e_rejects_bad_arguments(argv, capsys):
 def test_vae_rejects_bad_sizes(capsys):
     from hiflow_fast.bench import bench_vae
 
-    assert bench_vae.main(["--device", "cpu", "--sizes", "100"]) == 2
+    assert bench_vae.main(["--device", "cpu", "--cpu-allocator", "system", "--sizes", "100"]) == 2
     assert "--sizes" in capsys.readouterr().err
 
 
@@ -454,3 +457,20 @@ def test_gpu_check_is_valid_bash():
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_cpu_allocator_choice_is_applied_once_and_recorded_truthfully():
+    """--cpu-allocator: "system" changes nothing, "retain" sets glibc's thresholds (for the whole
+    process, so a later "system" says so). In a subprocess: the test process keeps its allocator."""
+    import subprocess
+    import sys
+
+    code = (
+        "from hiflow_fast.bench.common import apply_cpu_allocator as a; "
+        "print(a('system')); print(a('retain')); print(a('system'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    first, second, third = out.stdout.strip().splitlines()
+    assert first == "system"
+    assert second == "retain" or second.startswith("system (")  # no glibc mallopt: said, not faked
+    assert third == ("retain (set earlier in this process)" if second == "retain" else "system")

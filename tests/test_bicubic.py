@@ -19,7 +19,10 @@ CASES = [
     (1, 4, (13, 9), (26, 18)),  # odd sizes
     (2, 2, (7, 11), (31, 17)),  # ratios with periods 31 and 17
     (1, 4, (64, 48), (96, 72)),  # 1.5x: fp32 positions do not repeat, the dense path
+    (1, 2, (258, 130), (514, 258)),  # swin-padded grids: ratios just off 2
+    (1, 2, (129, 64), (200, 100)),
     (1, 2, (64, 48), (32, 24)),  # down
+    (1, 2, (64, 64), (2, 3)),  # far down
     (1, 3, (5, 5), (9, 9)),
 ]
 
@@ -63,3 +66,10 @@ def test_banded_plan_taken_for_two_x_and_equal_to_the_dense_matrix():
 def test_non_repeating_weights_fall_back_to_the_dense_matrix():
     assert BandedResize.plan(64, 96) is None  # 1.5x: fp32 source positions drift
     assert BandedResize.plan(3, 1000) is None  # period 1000 > the longest taken
+    assert BandedResize.plan(2048, 2) is None  # downsampling: windows would span the input
+
+
+def test_blocks_never_exceed_the_output():
+    """Short outputs take short blocks: the windows stay within a few inputs of the image."""
+    plan = BandedResize.plan(5, 10)
+    assert plan is not None and plan.rows <= 10 and plan.pad_before + plan.pad_after <= 4

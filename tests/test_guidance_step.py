@@ -91,6 +91,32 @@ def test_backends_match_reference(backend, structure_guidance, state_hw, next_hw
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_state_is_widened_before_use(backend, state_dtype):
+    """A caller's fp16/bf16 velocity state enters the fp32 math as the reference takes it (each
+    tensor widened, then subtracted), on this grid and on the next."""
+    for state_hw, next_hw in ((HW, None), (PAD, None), (HW, PAD)):
+        sample, model_output, ref_x0, state = make_inputs(state_hw, seed=11)
+        state = VelocityState(state.v.to(state_dtype), state.v_ref.to(state_dtype), state.hw)
+        want = oracle(sample, model_output, ref_x0, state, next_hw=next_hw, **STEP)
+        got = guidance_step(sample, model_output, ref_x0, hw=HW, ref_hw=REF_HW, state=state, backend=backend,
+                            next_hw=next_hw, **STEP)
+        assert_outputs_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_latents(backend):
+    """Packed latents with non-unit innermost strides (a transposed buffer) are valid input."""
+    sample, model_output, ref_x0, state = make_inputs(HW, seed=12)
+    strided = sample.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    want = oracle(sample, model_output, ref_x0, state, next_hw=PAD, **STEP)
+    got = guidance_step(strided, model_output, ref_x0, hw=HW, ref_hw=REF_HW, state=state, backend=backend,
+                        next_hw=PAD, **STEP)
+    assert_outputs_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_latents(backend):
     """bf16 sample/model output: fp32 math, prev_sample in bf16 (rounded once, like the
     reference), fp32 pred_x0 and state."""
