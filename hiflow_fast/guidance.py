@@ -215,8 +215,8 @@ def _guidance_step_torch(
       output (no unpack); packed temporaries are allocated at the larger grid's size, so that
       each moved output can reuse the memory of the temporary released before it.
 
-    Peak beyond the four outputs, measured at the 2K and 4K latents: ~4 latents (the unpacked
-    difference, its spectrum, the scratch of the packs and irfft2's own temporaries)."""
+    Peak beyond the four outputs, measured at the 2K and 4K latents: ~3 latents (the unpacked
+    difference, its spectrum and irfft2's own temporaries; the packs' scratch comes later)."""
     h, w = hw
     # Contiguous fp32 (no copy when they already are): the layout copies view the packed
     # tensors in wider dtypes, which needs unit innermost strides.
@@ -241,14 +241,15 @@ def _guidance_step_torch(
     if structure_guidance == "fft":
         work = torch.empty_like(image)
         image.sub_(L.unpack_into(work, pred_x0))  # image = ref - x0
-        spectrum = torch.fft.rfft2(image, dim=(-2, -1))
         difference = L.pack_into(packed_buffer(), image, scratch=work)
+        del work  # (released before the FFT pair and its own temporaries)
+        spectrum = torch.fft.rfft2(image, dim=(-2, -1))
         mask = butterworth_lowpass_mask_rfft(h, w, filter_ratio, butterworth_order, device=sample.device)
         spectrum.mul_(mask * (alpha / denom))
         torch.fft.irfft2(spectrum, s=(h, w), dim=(-2, -1), out=image)  # image = lowpass
         del spectrum
-        lowpass = L.pack_into(packed_buffer(), image, scratch=work).view(b, tokens, channels, 4)
-        del work, image
+        lowpass = L.pack_into(packed_buffer(), image).view(b, tokens, channels, 4)
+        del image
     else:
         difference = L.pack_into(packed_buffer(), image).sub_(pred_x0)
         del image
