@@ -265,14 +265,16 @@ def time_attention(backends, tokens, dims, device, dtype, repeats, warmup=1):
     return out
 
 
-def full_forward_peaks(device, dtype, image_tokens, dims, paths, attention, kernels, chunk_tokens):
-    """Peak activation memory of one whole-transformer forward (19 + 38 blocks)."""
+def full_forward_peaks(device, dtype, image_tokens, dims, paths, attention, kernels, chunk_tokens, measure=None):
+    """Peak activation memory of one whole-transformer forward (19 + 38 blocks) per path:
+    `measure(fn)` of a zero-argument forward (default: `peak_activation_bytes` on `device`)."""
+    measure = measure or (lambda fn: peak_activation_bytes(fn, device))
     model = build_model(device, dtype, dims, double=DOUBLE_BLOCKS, single=SINGLE_BLOCKS)
     inputs = model_inputs(model, image_tokens, dims["text"], device, dtype)
     peaks = {}
     for path in paths:
         with PathContext(model, path, attention, kernels, chunk_tokens=chunk_tokens), torch.no_grad():
-            peaks[path] = peak_activation_bytes(lambda model=model: model(**inputs, return_dict=False)[0], device)
+            peaks[path] = measure(lambda model=model: model(**inputs, return_dict=False)[0])
     del model
     free_device_memory(device)
     return peaks
@@ -354,14 +356,9 @@ def counted_forward_peaks(image_tokens, dims, dtype, paths, attention, kernels, 
 
     from hiflow_fast.bench.fake_memory import count_peak_bytes
 
-    peaks = {}
     with FakeTensorMode():
-        model = build_model("cpu", dtype, dims, double=DOUBLE_BLOCKS, single=SINGLE_BLOCKS)
-        inputs = model_inputs(model, image_tokens, dims["text"], "cpu", dtype)
-        for path in paths:
-            with PathContext(model, path, attention, kernels, chunk_tokens=chunk_tokens), torch.no_grad():
-                peaks[path] = count_peak_bytes(lambda: model(**inputs, return_dict=False)[0])
-    return peaks
+        return full_forward_peaks(torch.device("cpu"), dtype, image_tokens, dims, paths, attention, kernels,
+                                  chunk_tokens, measure=count_peak_bytes)
 
 
 def _count_memory(args, device, outputs, environment) -> int:

@@ -31,8 +31,6 @@ import triton.language as tl
 
 from hiflow_fast.kernels.reference_flow import bicubic_from_packed, packed_offset
 
-# The official velocity formula's epsilon: v = (x - x0) / (sigma + 1e-6).
-VELOCITY_EPS = 1e-6
 # Output elements per program.
 BLOCK_SIZE = 1024
 

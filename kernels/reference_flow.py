@@ -26,8 +26,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Keys' cubic-convolution parameter used by PyTorch (and OpenCV) bicubic resampling.
-BICUBIC_A = -0.75
 # Elements per program: 1024 fp32 = 4 KiB per stream, a full wave of 128-bit loads on 4 warps.
 BLOCK_SIZE = 1024
 

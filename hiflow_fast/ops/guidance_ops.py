@@ -21,15 +21,16 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from hiflow_fast.bicubic import BICUBIC_A
 from hiflow_fast.kernels.guided_velocity import BLOCK_SIZE as VELOCITY_BLOCK
-from hiflow_fast.kernels.guided_velocity import VELOCITY_EPS, guided_velocity_kernel
+from hiflow_fast.kernels.guided_velocity import guided_velocity_kernel
 from hiflow_fast.kernels.haar_lowpass_blend import BLOCK_SIZE as HAAR_BLOCK
 from hiflow_fast.kernels.haar_lowpass_blend import haar_lowpass_kernel
-from hiflow_fast.kernels.reference_flow import BICUBIC_A
 from hiflow_fast.kernels.reference_flow import BLOCK_SIZE as REFERENCE_BLOCK
 from hiflow_fast.kernels.reference_flow import reference_flow_kernel
 from hiflow_fast.kernels.spectral_lowpass_blend import BLOCK_SIZE as SPECTRAL_BLOCK
 from hiflow_fast.kernels.spectral_lowpass_blend import SLICES_PER_PROGRAM, spectral_lowpass_kernel
+from hiflow_fast.ref.guided_velocity import VELOCITY_EPS  # the official 1e-6, defined once
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
