@@ -210,7 +210,8 @@ def _main(argv: list[str] | None) -> int:
             free_device_memory(device)
             if status != 0:
                 failed.append(name)
-                sections.append(f"## {name}\n\nFailed (exit status {status}); see the log.\n")
+                sections.append(f"## {name}\n\nFailed (exit status {status}): it stopped, or a case failed "
+                                f"(its record's `skipped` says why); see the log.\n")
             if json_path.exists():
                 outputs.add(json.loads(json_path.read_text()))
             if md_path.exists():

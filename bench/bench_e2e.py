@@ -22,6 +22,10 @@ stage's FLOPs (transformer + VAE, counted from the model configs) at the matmul 
 this run, plus the bytes the guidance steps and weight reads must move at the measured copy
 bandwidth (per phase, whichever of the two bounds is larger).
 
+On a GPU each path first runs once, untimed, on one step of the first plan's base and first
+high-res stage (`--prime`; `--no-prime` to leave it out): the costs a process pays once --
+lazy module loading, Triton compilation and autotuning -- then land in no timed stage.
+
 --sample-steps N runs every stage with at most N steps and reports each stage as
 entry + planned steps x the measured per-step time (even and odd swin steps separately); such
 records carry `estimated: true` and the markdown says so.
@@ -46,6 +50,7 @@ from hiflow_fast.bench.common import (
     Timing,
     add_common_arguments,
     bench_main,
+    case_skip_reason,
     comma_list,
     copy_bandwidth,
     device_heading,
@@ -98,6 +103,15 @@ class Plan:
             return self
         cap = lambda s: (s[0], s[1], min(s[2], steps))  # noqa: E731
         return Plan(self.name, cap(self.base), tuple(cap(s) for s in self.stages))
+
+    def primer(self) -> "Plan":
+        """One step of the base stage and one of the first high-res stage, at this plan's sizes:
+        what `--prime` runs untimed first, so that no timed run pays the costs a process pays
+        once (CUDA's lazy module loading, cuBLAS handles, Triton compiling the guidance and
+        RoPE kernels and autotuning attention, which a user's first call also does at the base
+        size)."""
+        capped = self.sampled(1)
+        return Plan(f"{self.name}:primer", capped.base, capped.stages[:1])
 
     def config(self) -> HiFlowConfig:
         """The HiFlowConfig of this plan, with the official per-stage settings (first high-res
@@ -350,6 +364,27 @@ def run_once(path: str, models: Models, config: HiFlowConfig, noises, device: to
     return clock
 
 
+def prime_paths(plans: list[Plan], models: Models, device: torch.device, dtype: torch.dtype, args) -> None:
+    """`--prime`: each path once, untimed, on the primer of the first plan that fits (see
+    `Plan.primer`). A primer that fails is reported and timing goes on: the timed run of that
+    path records the failure itself."""
+    plan = next((p for p in plans if _fits(p.primer(), models, device, dtype) is None), None)
+    if plan is None:
+        return
+    primer = plan.primer()
+    config = primer.config()
+    noises = make_noises(config, models.size.vae["latent_channels"], args.seed, device, models.transformer.dtype)
+    for path in args.paths:
+        start_s = time.perf_counter()
+        try:
+            run_once(path, models, config, noises, device, args)
+        except Exception as exc:
+            print(f"  primer {primer.describe()} {path}: {case_skip_reason(exc)}")
+        else:
+            print(f"  primed {path} on {primer.describe()} in {time.perf_counter() - start_s:.1f} s (untimed)")
+        free_device_memory(device)
+
+
 def measure_plan(path: str, plan: Plan, models: Models, device: torch.device, args) -> list[dict[str, Any]]:
     """Repeated runs of one path on one plan -> per-stage summaries (seconds per repeat)."""
     run_plan = plan.sampled(args.sample_steps)
@@ -458,6 +493,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per plan and path (default: 1 on cuda, 3 on cpu)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs of the same plan first (default 0)")
     parser.add_argument("--sample-steps", type=int, default=None, help="run at most N steps per stage and extrapolate each stage")
+    parser.add_argument("--prime", action=argparse.BooleanOptionalAction, default=None,
+                        help="run each path once, untimed, on one step of the first plan's base and first high-res "
+                             "stage before timing anything (default: on cuda, where the first call compiles kernels)")
     parser.add_argument("--backend", help="guidance backend for ours (ref, triton; default: the pipeline's choice)")
     parser.add_argument("--attention", help="attention backend for ours (default: the pipeline's choice)")
     parser.add_argument("--compile", action="store_true",
@@ -473,6 +511,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats if args.repeats is not None else (1 if cuda else 3)
     # Compiling and capturing happen on a path's first call: time the calls after it.
     args.warmup = args.warmup if args.warmup is not None else (1 if args.compile else 0)
+    # A CPU runs no JIT: the first call costs what the others do (and the suite's time is short).
+    args.prime = args.prime if args.prime is not None else cuda
     for name in ("repeats", "sample_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -500,6 +540,9 @@ def _main(argv: list[str] | None) -> int:
     models = build_models(size, device, dtype)
     print(f"  built the models in {time.perf_counter() - build_start:.1f} s ({models.weight_bytes / 2**30:.2f} GiB of transformer weights)")
 
+    if args.prime:
+        prime_paths(plans, models, device, dtype, args)
+
     sections: list[str] = []
     for plan in plans:
         floors = plan_floors(plan, models, rate, bandwidth)
@@ -507,7 +550,7 @@ def _main(argv: list[str] | None) -> int:
             model=size.name, dtype=args.dtype, text_tokens=size.text_tokens, plan=plan.name, plan_spec=plan.describe(),
             sample_steps=args.sample_steps, estimated=args.sample_steps is not None and plan.sampled(args.sample_steps) != plan,
             matmul_rate_flops=rate, copy_bandwidth_bytes_per_s=bandwidth, attention=args.attention, backend=args.backend,
-            compile=args.compile, warmup_runs=args.warmup, threads=torch.get_num_threads(),
+            compile=args.compile, warmup_runs=args.warmup, primed=args.prime, threads=torch.get_num_threads(),
             text_encoding_timed=False, note=TEXT_NOTE,
         )
         plan_records = []
@@ -517,8 +560,8 @@ def _main(argv: list[str] | None) -> int:
             if skip is None:
                 try:
                     summaries = measure_plan(path, plan, models, device, args)
-                except torch.cuda.OutOfMemoryError as exc:
-                    summaries, skip_reason = None, f"out of memory: {str(exc).splitlines()[0]}"
+                except Exception as exc:  # out of memory, or a failure: recorded, and the next path runs
+                    summaries, skip_reason = None, case_skip_reason(exc)
                 else:
                     skip_reason = None
             else:
@@ -531,6 +574,7 @@ def _main(argv: list[str] | None) -> int:
                     BENCH_NAME, device, path, None, None, environment, skipped=skip_reason, floor_s=floor_s,
                     stage="total", label=f"{plan.name}:total", flops=flops, **common,
                 ))
+                outputs.add(plan_records[-1:])
                 continue
             nvml = nvml_snapshot(device)
             for summary in summaries:
@@ -543,8 +587,10 @@ def _main(argv: list[str] | None) -> int:
                 ))
                 print(f"    {summary['stage']:8s} median {timing.median_s:9.3f} s  (min {timing.min_s:.3f}, "
                       f"max {timing.max_s:.3f}; floor {floor_s:.3f} s)")
+            # Each path as soon as it is measured: gpu_check stops a step at its budget.
+            outputs.add(plan_records[-len(summaries):])
         _add_speedups(plan_records)
-        outputs.add(plan_records)
+        outputs.add([])  # the speed-ups just set on records already written
         sections.append(markdown_for_plan(plan, plan_records, device, args.sample_steps))
         free_device_memory(device)
     del models
@@ -560,7 +606,7 @@ def _main(argv: list[str] | None) -> int:
     print()
     print(markdown)
     outputs.finish(markdown, title=f"e2e -- {heading}")
-    return 0
+    return outputs.exit_status
 
 
 def _work(summary: dict[str, Any]) -> str:

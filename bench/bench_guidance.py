@@ -40,6 +40,7 @@ import torch
 from hiflow_fast.bench.common import (
     add_common_arguments,
     bench_main,
+    case_skip_reason,
     comma_list,
     copy_bandwidth,
     device_heading,
@@ -198,24 +199,35 @@ def _main(argv: list[str] | None) -> int:
             timed.append(path)
         slow = {p for p in timed if p == "official" or (p == "fused" and device.type == "cpu")}
         repeats = {p: max(1, min(args.repeats, 3) if p in slow else args.repeats) for p in timed}
+        failed: dict[str, str] = {}  # path -> why it could not run (recorded as skipped)
         if device.type == "cpu":
             # A shared CPU's slow periods would otherwise fall on one path only (the official
             # path's 3 calls take seconds): interleave the paths' calls.
             timings = measure_interleaved({p: path_fn(p, inputs) for p in timed}, device, repeats, warmup=1)
         else:
-            timings = {p: measure_time(path_fn(p, inputs), device, repeats=repeats[p], warmup=1, slow=p in slow)
-                       for p in timed}
+            timings = {}
+            for p in timed:
+                try:
+                    timings[p] = measure_time(path_fn(p, inputs), device, repeats=repeats[p], warmup=1, slow=p in slow)
+                except Exception as exc:  # e.g. a kernel that fails to compile: the other paths still run
+                    failed[p] = case_skip_reason(exc)
+                    free_device_memory(device)
         free_device_memory(device)
         for path in timed:
-            timing = timings[path]
-            free_device_memory(device)
-            peak = peak_extra_bytes(path_fn(path, inputs, for_memory=device.type == "cpu"), device)
-            record = make_record(
-                BENCH_NAME, device, path, timing, peak, environment, latent_hw=(side, side), floor_s=floor_s,
+            case = dict(
+                latent_hw=(side, side), floor_s=floor_s,
                 channels=CHANNELS, batch=1, ref_hw=list(inputs["ref_hw"]), next_hw=list(inputs["next_hw"]),
                 dtype="float32", bytes_floor=floor_bytes, copy_bandwidth_bytes_per_s=bandwidth,
                 interpreter=bool(path == "fused" and device.type == "cpu"), threads=torch.get_num_threads(),
             )
+            if path in failed:
+                print(f"  {label} {path}: skipped ({failed[path]})")
+                records.append(make_record(BENCH_NAME, device, path, None, None, environment, skipped=failed[path], **case))
+                continue
+            timing = timings[path]
+            free_device_memory(device)
+            peak = peak_extra_bytes(path_fn(path, inputs, for_memory=device.type == "cpu"), device)
+            record = make_record(BENCH_NAME, device, path, timing, peak, environment, **case)
             records.append(record)
             row[f"{path}_s"] = timing.median_s
             row[f"{path}_peak_MiB"] = None if peak is None else peak / 2**20
@@ -226,7 +238,7 @@ def _main(argv: list[str] | None) -> int:
         if best is not None and "official_s" in row:
             row["official_over_best"] = row["official_s"] / best
             for record in records:
-                if record["path"] != "official":
+                if record["path"] != "official" and record["median_s"]:
                     record["speedup_vs_official"] = row["official_s"] / record["median_s"]
         outputs.add(records)
         rows.append(row)
@@ -244,7 +256,7 @@ def _main(argv: list[str] | None) -> int:
     print()
     print(table)
     outputs.finish(markdown, title=f"guidance -- {device_heading(environment, device)}")
-    return 0
+    return outputs.exit_status
 
 
 main = bench_main(_main)

@@ -59,6 +59,7 @@ from hiflow_fast.bench.common import (
     Timing,
     add_common_arguments,
     bench_main,
+    case_skip_reason,
     comma_list,
     device_heading,
     free_device_memory,
@@ -241,7 +242,10 @@ def time_blocks(model, path, inputs, device, repeats, attention, kernels, chunk_
     return results
 
 
-def time_attention(backends, tokens, dims, device, dtype, repeats, warmup=1):
+def time_attention(backends, tokens, dims, device, dtype, repeats, warmup=1, skipped=None):
+    """Timings of each attention backend at `tokens`; a backend that raises (a forced SDPA kernel
+    refusing the inputs, out of memory, ...) is left out and, with `skipped`, recorded there as
+    backend -> reason."""
     from hiflow_fast.attention_backends import backend_info, get_attention_backend
     from hiflow_fast.errors import HiFlowInputError
     from hiflow_fast.ref.attention import proportional_attention_scale
@@ -261,20 +265,37 @@ def time_attention(backends, tokens, dims, device, dtype, repeats, warmup=1):
             backend_info(name).check(q, k, v)
         except HiFlowInputError:
             continue
-        out[name] = measure_time(lambda fn=fn: fn(q, k, v, scale), device, repeats=repeats, warmup=warmup)
+        try:
+            out[name] = measure_time(lambda fn=fn: fn(q, k, v, scale), device, repeats=repeats, warmup=warmup)
+        except Exception as exc:
+            reason = case_skip_reason(exc)
+            print(f"  attention {name} at {tokens} tokens: skipped ({reason})")
+            if skipped is not None:
+                skipped[name] = reason
+            free_device_memory(device)
     return out
 
 
-def full_forward_peaks(device, dtype, image_tokens, dims, paths, attention, kernels, chunk_tokens, measure=None):
+def full_forward_peaks(device, dtype, image_tokens, dims, paths, attention, kernels, chunk_tokens, measure=None,
+                       skipped=None):
     """Peak activation memory of one whole-transformer forward (19 + 38 blocks) per path:
-    `measure(fn)` of a zero-argument forward (default: `peak_activation_bytes` on `device`)."""
+    `measure(fn)` of a zero-argument forward (default: `peak_activation_bytes` on `device`).
+    With `skipped`, a path that raises is recorded there (path -> reason) and the next one runs;
+    without, the error propagates."""
     measure = measure or (lambda fn: peak_activation_bytes(fn, device))
     model = build_model(device, dtype, dims, double=DOUBLE_BLOCKS, single=SINGLE_BLOCKS)
     inputs = model_inputs(model, image_tokens, dims["text"], device, dtype)
     peaks = {}
     for path in paths:
-        with PathContext(model, path, attention, kernels, chunk_tokens=chunk_tokens), torch.no_grad():
-            peaks[path] = measure(lambda model=model: model(**inputs, return_dict=False)[0])
+        try:
+            with PathContext(model, path, attention, kernels, chunk_tokens=chunk_tokens), torch.no_grad():
+                peaks[path] = measure(lambda model=model: model(**inputs, return_dict=False)[0])
+        except Exception as exc:
+            if skipped is None:
+                raise
+            skipped[path] = case_skip_reason(exc)
+            print(f"  full forward {path}: skipped ({skipped[path]})")
+            free_device_memory(device)
     del model
     free_device_memory(device)
     return peaks
@@ -438,8 +459,14 @@ def _main(argv: list[str] | None) -> int:
         for path in paths:
             try:
                 res = time_blocks(model, path, inputs, device, repeats, args.attention, args.kernels, args.chunk_tokens, args.warmup)
-            except torch.cuda.OutOfMemoryError:
-                print(f"  {label} {path}: out of memory")
+            except Exception as exc:
+                reason = case_skip_reason(exc)
+                print(f"  {label} {path}: skipped ({reason})")
+                records.append(make_record(f"{BENCH_NAME}.step_estimate", device, path, None, None, environment,
+                                           latent_hw=(side, side), floor_s=floor_s, flops=step_flops, skipped=reason,
+                                           **extra_common))
+                outputs.add(records)
+                records = []
                 free_device_memory(device)
                 continue
             (t_d, p_d), (t_s, p_s), (t_r, _) = res["double"], res["single"], res["rope"]
@@ -459,10 +486,15 @@ def _main(argv: list[str] | None) -> int:
                               "x_floor": step_s / floor_s, "peak_block": fmt_bytes(peak_block)})
             print(f"  {label} {path}: double {t_d.median_s * 1e3:.1f} ms, single {t_s.median_s * 1e3:.1f} ms, "
                   f"step ~{step_s:.3f} s = {step_s / floor_s:.2f}x floor, peaks {fmt_bytes(p_d)} / {fmt_bytes(p_s)}")
+            # Each case is written as soon as it is measured: gpu_check stops a step at its budget.
+            outputs.add(records)
+            records = []
             free_device_memory(device)
 
         if not args.no_attention:
-            timings = time_attention(available_backends(), tokens, dims, device, dtype, repeats, args.warmup)
+            attention_skipped: dict[str, str] = {}
+            timings = time_attention(available_backends(), tokens, dims, device, dtype, repeats, args.warmup,
+                                     skipped=attention_skipped)
             fl = attention_flops(tokens, dims["heads"], dims["head_dim"])
             sdpa_best = min((t.median_s for n, t in timings.items() if n.startswith("sdpa")), default=None)
             for name, timing in timings.items():
@@ -473,6 +505,12 @@ def _main(argv: list[str] | None) -> int:
                 attn_rows.append({"size": label, "tokens": tokens, "backend": name, "median_ms": timing.median_s * 1e3,
                                   "TFLOP/s": fl / timing.median_s / 1e12, "of_matmul": fl / timing.median_s / rate,
                                   "vs_fastest_sdpa": ratio})
+            for name, reason in attention_skipped.items():
+                records.append(make_record(f"{BENCH_NAME}.attention", device, name, None, None, environment,
+                                           latent_hw=(side, side), floor_s=fl / rate, flops=fl, skipped=reason,
+                                           heads=dims["heads"], head_dim=dims["head_dim"], **extra_common))
+            outputs.add(records)
+            records = []
 
         if args.compile and device.type == "cuda":
             swin = model_inputs(model, (int(math.isqrt(image_tokens)) + 1) ** 2, dims["text"], device, dtype, seed=1)
@@ -483,12 +521,17 @@ def _main(argv: list[str] | None) -> int:
 
         if args.full and device.type == "cuda":
             full_paths = [p for p in ("stock", "fast") if p in paths]
-            peaks = full_forward_peaks(device, dtype, image_tokens, dims, full_paths, args.attention, args.kernels, args.chunk_tokens)
+            full_skipped: dict[str, str] = {}
+            peaks = full_forward_peaks(device, dtype, image_tokens, dims, full_paths, args.attention, args.kernels,
+                                       args.chunk_tokens, skipped=full_skipped)
             for path, peak in peaks.items():
                 # Memory only: no timing (median_s null).
                 records.append(make_record(f"{BENCH_NAME}.full_forward_peak", device, path, None, peak, environment,
                                            latent_hw=(side, side), **extra_common))
                 print(f"  {label} full forward ({DOUBLE_BLOCKS}+{SINGLE_BLOCKS} blocks) {path}: peak activations {fmt_bytes(peak)}")
+            for path, reason in full_skipped.items():
+                records.append(make_record(f"{BENCH_NAME}.full_forward_peak", device, path, None, None, environment,
+                                           latent_hw=(side, side), skipped=reason, **extra_common))
         outputs.add(records)
 
     tables = [
@@ -502,7 +545,7 @@ def _main(argv: list[str] | None) -> int:
     print(text)
     markdown = f"# transformer blocks at FLUX width ({heading}, commit {environment['commit']})\n\n{text}\n"
     outputs.finish(markdown, title=f"transformer -- {heading}")
-    return 0
+    return outputs.exit_status
 
 
 main = bench_main(_main)

@@ -27,6 +27,7 @@ from hiflow_fast.bench import flux_shapes as fs
 from hiflow_fast.bench.common import (
     add_common_arguments,
     bench_main,
+    case_skip_reason,
     comma_list,
     copy_bandwidth,
     device_heading,
@@ -161,16 +162,18 @@ def _main(argv: list[str] | None) -> int:
                     timing = time_slow(fn, device, repeats=args.repeats, warmup=args.warmup)
                     free_device_memory(device)
                     peak = peak_extra_bytes(fn, device, cpu="rss")
-                except torch.cuda.OutOfMemoryError as exc:
-                    reason = f"out of memory: {str(exc).splitlines()[0]}"
+                except Exception as exc:  # out of memory, or e.g. a convolution cuDNN refuses at 4K
+                    reason = case_skip_reason(exc)
                     print(f"  {label} {op} {mode}: skipped ({reason})")
                     records.append(make_record(BENCH_NAME, device, mode, None, None, environment, skipped=reason, **base))
-                    row[f"{mode}_s"] = "does not fit"
+                    outputs.add(records[-1:])
+                    row[f"{mode}_s"] = "does not fit" if reason.startswith("out of memory") else "failed"
                     free_device_memory(device)
                     continue
                 free_device_memory(device)
                 records.append(make_record(BENCH_NAME, device, mode, timing, peak, environment, **base,
                                            nvml_after=nvml_snapshot(device)))
+                outputs.add(records[-1:])  # each mode as soon as it is measured (gpu_check's step timeouts)
                 row[f"{mode}_s"] = timing.median_s
                 row[f"{mode}_peak"] = None if peak is None else peak / 2**30
                 row[f"{mode}_x_floor"] = timing.median_s / floor_s
@@ -184,7 +187,7 @@ def _main(argv: list[str] | None) -> int:
                         for r in records:
                             if r["path"] == mode and r.get("median_s"):
                                 r["baseline_over_this"] = baseline / r["median_s"]
-            outputs.add(records)
+            outputs.add([])  # the ratios just set on records already written
             rows.append(row)
             del x
             free_device_memory(device)
@@ -209,7 +212,7 @@ def _main(argv: list[str] | None) -> int:
     print()
     print(markdown)
     outputs.finish(markdown, title=f"vae -- {heading}")
-    return 0
+    return outputs.exit_status
 
 
 main = bench_main(_main)

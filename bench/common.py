@@ -4,9 +4,9 @@ Every bench_*.py measures through this module and nothing else:
 
 * Timing (`measure_time`, `time_slow`, `measure_interleaved`): median / min / max over
   warmed-up repeats (interleaved across paths where a ratio of paths is the result). On a GPU,
-  `measure_time` uses `triton.testing.do_bench` (CUDA events, L2 flushed between runs, topped up
-  with plain event timings when a slow op gets few samples); `time_slow` (ops of tens of
-  milliseconds or more) times each call with CUDA events and no flush. On the CPU both are
+  `measure_time` uses `triton.testing.do_bench` for ops under SLOW_CALL_S (CUDA events, L2
+  flushed between runs, topped up with plain event timings when a slow op gets few samples);
+  `time_slow` and longer ops: CUDA events around each call and no flush. On the CPU both are
   perf_counter around each call.
 * Peak memory (`PeakMemory`, `peak_extra_bytes`): GPU: the caching allocator's peak statistics.
   CPU: either torch.profiler's memory timeline (c10 allocations only, exact for small ops; slow)
@@ -20,6 +20,8 @@ Every bench_*.py measures through this module and nothing else:
 * CPU allocator (`--cpu-allocator`, `retain_freed_memory`): by default a CPU run keeps freed
   memory in the process, as CUDA's caching allocator does on a GPU, so that no path is timed
   paying the kernel for fresh pages (see `retain_freed_memory`); `system` leaves glibc as is.
+* Failures (`case_skip_reason`): a case that raises is recorded as skipped with the reason, and
+  the benchmark goes on; out of memory is a result, any other error makes the exit status 1.
 * Records (`make_record`) and outputs (`Outputs`): one JSON object per measured case with the
   common keys name, device, latent_hw (where relevant), path, median_s, min_s, max_s, repeats,
   peak_bytes, floor_s / fraction_of_floor (where there is a floor), versions, commit,
@@ -41,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -68,6 +71,11 @@ class Timing:
         return cls(statistics.median(samples), min(samples), max(samples), len(samples), list(samples))
 
 
+# An op of at least this many seconds is timed call by call with CUDA events, without do_bench's
+# estimation and L2 flush: at 20 ms an L2 of 50 MB is re-read in well under 1% of the call.
+SLOW_CALL_S = 0.02
+
+
 def _timed_calls(fn: Callable[[], Any], device: torch.device, count: int) -> list[float]:
     """Seconds of `count` calls, each timed on its own: CUDA events on a GPU, else perf_counter."""
     samples = []
@@ -91,11 +99,20 @@ def measure_time(
 ) -> Timing:
     """Median, min and max seconds of fn() over `repeats` runs after `warmup` runs.
 
-    GPU, `slow=False`: triton's do_bench (CUDA events, L2 flushed before each run; it warms up by
-    itself, `warmup` is not used), topped up with plain event timings to `repeats` samples.
+    GPU, `slow=False`: one untimed call and one timed probe; an op under SLOW_CALL_S then goes
+    through triton's do_bench (CUDA events, L2 flushed before each run, `warmup` not used), topped
+    up with plain event timings to `repeats` samples; a slower one gets `repeats` event timings.
     GPU, `slow=True` (see `time_slow`) and CPU: `warmup` untimed calls, then `repeats` timed ones."""
     device = torch.device(device)
     if device.type == "cuda" and not slow:
+        # The first call pays lazy loading, Triton compilation and autotuning; the second says
+        # whether the op is slow. do_bench spends 5 calls estimating an op and at least 2 more
+        # warming up before its first sample, for a 100 ms op ~1 s of nothing measured; an op
+        # of SLOW_CALL_S or more is timed as `time_slow` does (the probe is its first sample).
+        fn()
+        (probe_s,) = _timed_calls(fn, device, 1)
+        if probe_s >= SLOW_CALL_S:
+            return Timing.of([probe_s] + _timed_calls(fn, device, max(1, repeats) - 1))
         from triton.testing import do_bench
 
         # warmup/rep are milliseconds; return_mode="all" returns every sample (ms). A slow op
@@ -541,6 +558,25 @@ def make_record(
     return record
 
 
+# A case that raised has a `skipped` reason starting with this; an out-of-memory case does not (a
+# size that does not fit the device is a result, not a failure).
+FAILED_PREFIX = "failed: "
+
+
+def case_skip_reason(exc: BaseException) -> str:
+    """The `skipped` reason of a case that raised, so that a benchmark records it and goes on to
+    its next case: out of memory (a size that does not fit), or a failure (a backend refusing its
+    inputs, a kernel that does not compile, ...), whose traceback goes to stderr, i.e. into the
+    run's log. Bad input (HiFlowInputError) and anything that is not an Exception propagate."""
+    if isinstance(exc, HiFlowInputError) or not isinstance(exc, Exception):
+        raise exc
+    message = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"out of memory: {message}"
+    traceback.print_exception(exc, file=sys.stderr)
+    return f"{FAILED_PREFIX}{type(exc).__name__}: {message}"
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     """A markdown table of `rows`, columns given as (header, key)."""
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
@@ -603,9 +639,16 @@ class Outputs:
         self._write(self.json_path, lambda tmp: Path(tmp).write_text(text))
 
     def add(self, records: list[dict[str, Any]]) -> None:
+        """Append `records` and rewrite the JSON (also with no records: after a change to records
+        already added, e.g. a ratio that needed the case measured after them)."""
         self.records += records
         if self.json_path is not None:
             self._write_json()
+
+    @property
+    def exit_status(self) -> int:
+        """1 when a case failed (its record's `skipped` says why), else 0."""
+        return int(any(str(r.get("skipped") or "").startswith(FAILED_PREFIX) for r in self.records))
 
     def finish(self, markdown: str, *, title: str) -> None:
         if self.json_path is not None:

@@ -143,8 +143,15 @@ def _materialise(cls, config: dict[str, Any], device, dtype: torch.dtype, seed: 
     with torch.device("meta"):
         model = cls(**config)
     # Cast on meta, then allocate: the weights are created once, in `dtype` (an fp32 copy of
-    # FLUX.1-dev would need 48 GB on the GPU before the cast).
-    model = model.to(dtype).to_empty(device=device)
+    # FLUX.1-dev would need 48 GB on the GPU before the cast). The cast is torch's own: diffusers'
+    # `ModelMixin.to(dtype)` logs a warning about fp32-kept modules even when there are none. The
+    # modules a model asks to keep in fp32 stay fp32, as `from_pretrained(torch_dtype=)` keeps them.
+    torch.nn.Module.to(model, dtype)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if keep_fp32.intersection(name.split(".")):
+            torch.nn.Module.to(module, torch.float32)
+    model = model.to_empty(device=device)
     init_random_(model, seed)
     return model.eval().requires_grad_(False)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 
 import pytest
 import torch
@@ -84,6 +85,7 @@ def test_bench_all_runs_e2e_and_merges(tmp_path):
         assert not E2E_KEYS - set(record), sorted(E2E_KEYS - set(record))
         assert record["text_encoding_timed"] is False
         assert record["median_s"] > 0 and record["floor_s"] > 0
+        assert record["primed"] is False  # a CPU compiles nothing on a first call
     assert {r["path"] for r in records} == {"ours", "official"}
     assert {r["stage"] for r in records} == {"base", "stage1", "decode", "total"}
     ours_total = next(r for r in records if r["path"] == "ours" and r["stage"] == "total")
@@ -92,6 +94,24 @@ def test_bench_all_runs_e2e_and_merges(tmp_path):
     assert "CPU" in markdown and "not GPU results" in markdown
     assert "text encoding is not timed" in markdown
     assert "official / ours" in markdown
+
+
+def test_e2e_primes_each_path_untimed_before_timing(tmp_path, capsys):
+    """--prime (the default on a GPU): each path runs once on one step of the first plan's base
+    and first high-res stage before anything is timed, and the records say so."""
+    from hiflow_fast.bench import bench_e2e
+
+    (plan,) = bench_e2e.parse_plans("64x3>128x2>256x2")
+    assert plan.primer().base == (64, 64, 1) and plan.primer().stages == ((128, 128, 1),)
+    out = tmp_path / "e2e.json"
+    status = bench_e2e.main(["--device", "cpu", "--cpu-allocator", "system", *bench_all.suite_args("e2e", "cpu", smoke=True),
+                             "--prime", "--json", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    primed = printed.index("primed ours"), printed.index("primed official")
+    assert max(primed) < printed.index("plan tiny")  # before the first timed plan
+    records = json.loads(out.read_text())
+    assert records and all(r["primed"] is True for r in records)
 
 
 @pytest.mark.parametrize("name", ["all", "guidance", "transformer", "vae", "e2e"])
@@ -252,6 +272,42 @@ def test_random_models_have_flux_shapes_and_stay_finite():
     assert torch.isfinite(out).all() and torch.isfinite(image).all()
 
 
+def test_random_models_keep_fp32_modules_and_cast_without_warning(caplog):
+    """The bf16 cast keeps the modules a model names in `_keep_in_fp32_modules` in fp32 (as
+    from_pretrained does), casts the rest, and logs nothing (diffusers' own `.to(dtype)` warns
+    about fp32 modules even when a model has none)."""
+    from diffusers import ModelMixin
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+    class TwoLayers(ModelMixin, ConfigMixin):
+        _keep_in_fp32_modules = ["norm"]
+
+        @register_to_config
+        def __init__(self, width: int = 8):
+            super().__init__()
+            self.proj = torch.nn.Linear(width, width)
+            self.norm = torch.nn.LayerNorm(width)
+            self.block = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(width), "proj": torch.nn.Linear(width, width)})
+
+    # diffusers' loggers do not propagate to the root logger (pytest's caplog): listen on its own.
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(caplog.handler)
+    try:
+        model = fs._materialise(TwoLayers, {"width": 8}, "cpu", torch.bfloat16, seed=0)
+        fs.build_vae(fs.model_size("tiny"), dtype=torch.bfloat16)
+    finally:
+        diffusers_logger.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes == {
+        "proj.weight": torch.bfloat16, "proj.bias": torch.bfloat16,
+        "norm.weight": torch.float32, "norm.bias": torch.float32,
+        "block.norm.weight": torch.float32, "block.norm.bias": torch.float32,
+        "block.proj.weight": torch.bfloat16, "block.proj.bias": torch.bfloat16,
+    }
+    assert not any(p.is_meta for p in model.parameters())
+
+
 def test_official_baseline_does_the_same_work_as_the_pipeline():
     """Same model, plan, prompt and noises: the official-way baseline and HiFlowPipeline give the
     same final latents (fp32), so the e2e benchmark compares equal work."""
@@ -318,6 +374,109 @@ def test_make_record_vocabulary():
     skipped = make_record("x", "cpu", "ref", None, None, env, floor_s=0.5, skipped="out of memory")
     assert skipped["median_s"] is None and skipped["fraction_of_floor"] is None and skipped["repeats"] == 0
     assert "latent_hw" not in skipped
+
+
+def test_measure_time_on_a_gpu_times_slow_ops_call_by_call(monkeypatch):
+    """On a GPU: one untimed call, then a timed probe; an op of SLOW_CALL_S or more keeps the
+    probe and gets repeats - 1 more event timings (no do_bench, whose estimation alone would run
+    a 100 ms op 5 times); a faster op goes through do_bench. Events are faked: no GPU here."""
+    import sys
+    import types
+
+    from hiflow_fast.bench import common
+
+    def run(op_s: float, repeats: int):
+        calls, timed, benched = [0], [], []
+        monkeypatch.setattr(common, "_timed_calls", lambda fn, device, count: timed.append(count) or [op_s] * count)
+        fake_testing = types.SimpleNamespace(do_bench=lambda fn, **kw: benched.append(kw) or [op_s * 1e3] * 2)
+        monkeypatch.setitem(sys.modules, "triton.testing", fake_testing)
+        timing = common.measure_time(lambda: calls.__setitem__(0, calls[0] + 1), "cuda", repeats=repeats)
+        return timing, calls[0], timed, benched
+
+    timing, untimed, timed, benched = run(common.SLOW_CALL_S * 5, repeats=3)
+    assert (timing.repeats, untimed, timed, benched) == (3, 1, [1, 2], [])
+    assert timing.median_s == pytest.approx(common.SLOW_CALL_S * 5)
+    timing, untimed, timed, benched = run(common.SLOW_CALL_S / 10, repeats=5)
+    assert len(benched) == 1 and benched[0]["return_mode"] == "all"
+    assert timed == [1, 3] and timing.repeats == 5  # probe, then do_bench's 2 samples topped up to 5
+    timing, _, timed, _ = run(common.SLOW_CALL_S * 5, repeats=1)
+    assert timed == [1, 0] and timing.repeats == 1
+
+
+def test_case_skip_reason_records_failures_and_lets_bad_input_through(capsys):
+    from hiflow_fast.bench.common import FAILED_PREFIX, Outputs, case_skip_reason
+    from hiflow_fast.errors import HiFlowInputError
+
+    oom = case_skip_reason(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
+    assert oom == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert capsys.readouterr().err == ""  # a size that does not fit is a result, not a failure
+    try:
+        raise RuntimeError("No available kernel. Aborting execution.")
+    except RuntimeError as exc:
+        failed = case_skip_reason(exc)
+    assert failed == f"{FAILED_PREFIX}RuntimeError: No available kernel. Aborting execution."
+    assert "Traceback" in capsys.readouterr().err  # the log keeps where it failed
+    with pytest.raises(HiFlowInputError):
+        case_skip_reason(HiFlowInputError("--sizes", "3k", "1k, 2k or 4k"))
+    with pytest.raises(KeyboardInterrupt):
+        case_skip_reason(KeyboardInterrupt())
+    outputs = Outputs()
+    outputs.add([{"skipped": oom}])
+    assert outputs.exit_status == 0
+    outputs.add([{"skipped": failed}])
+    assert outputs.exit_status == 1
+
+
+def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    """bench vae with untiled encode raising: that case is a `failed: ...` record, the three
+    others are measured, every record is in the JSON, and the exit status is 1."""
+    from hiflow_fast.bench import bench_vae
+
+    op_fn = bench_vae.op_fn
+
+    def failing_op_fn(op, vae, x, tiled):
+        if op == "encode" and not tiled:
+            def fail():
+                raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+            return fail
+        return op_fn(op, vae, x, tiled)
+
+    monkeypatch.setattr(bench_vae, "op_fn", failing_op_fn)
+    out = tmp_path / "vae.json"
+    status = bench_vae.main(["--device", "cpu", "--cpu-allocator", "system", *bench_all.suite_args("vae", "cpu", smoke=True),
+                             "--json", str(out)])
+    assert status == 1
+    records = {(r["op"], r["path"]): r for r in json.loads(out.read_text())}
+    assert len(records) == 4
+    failed = records["encode", "untiled"]
+    assert failed["median_s"] is None and failed["skipped"] == "failed: RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"
+    assert all(r["median_s"] > 0 for key, r in records.items() if key != ("encode", "untiled"))
+    # The tiled / untiled ratio, set after both modes ran, reached the JSON; none where one failed.
+    assert records["decode", "untiled"]["baseline_over_this"] > 0
+    assert "baseline_over_this" not in failed
+    assert "CUDNN_STATUS_NOT_SUPPORTED" in capsys.readouterr().err
+
+
+def test_attention_backend_that_raises_is_skipped(monkeypatch):
+    from hiflow_fast import attention_backends
+    from hiflow_fast.bench import bench_transformer as bt
+
+    real = attention_backends.get_attention_backend
+
+    def refusing(name=None):
+        chosen, fn = real(name)
+        if chosen != "sdpa-math":
+            return chosen, fn
+        def refuse(*args):
+            raise RuntimeError("No available kernel.")
+        return chosen, refuse
+
+    monkeypatch.setattr(attention_backends, "get_attention_backend", refusing)
+    skipped: dict[str, str] = {}
+    timings = bt.time_attention(["sdpa", "sdpa-math"], 96, bt.QUICK, torch.device("cpu"), torch.float32, 1, 0,
+                                skipped=skipped)
+    assert set(timings) == {"sdpa"} and timings["sdpa"].median_s > 0
+    assert skipped == {"sdpa-math": "failed: RuntimeError: No available kernel."}
 
 
 def test_nvml_degrades_without_gpu(monkeypatch):
