@@ -22,9 +22,10 @@ stage's FLOPs (transformer + VAE, counted from the model configs) at the matmul 
 this run, plus the bytes the guidance steps and weight reads must move at the measured copy
 bandwidth (per phase, whichever of the two bounds is larger).
 
-On a GPU each path first runs once, untimed, on one step of the first plan's base and first
-high-res stage (`--prime`; `--no-prime` to leave it out): the costs a process pays once --
-lazy module loading, Triton compilation and autotuning -- then land in no timed stage.
+On a GPU each path first runs once, untimed, on a primer: three steps of the base stage and of
+the first high-res stage, at the sizes of the first plan whose primer fits (`--prime`; `--no-prime`
+to leave it out, `Plan.primer`): the costs a process pays once -- lazy module loading, Triton
+compiling every kernel variant and autotuning -- then land in no timed stage.
 
 --sample-steps N runs every stage with at most N steps and reports each stage as
 entry + planned steps x the measured per-step time (even and odd swin steps separately); such
@@ -105,12 +106,16 @@ class Plan:
         return Plan(self.name, cap(self.base), tuple(cap(s) for s in self.stages))
 
     def primer(self) -> "Plan":
-        """One step of the base stage and one of the first high-res stage, at this plan's sizes:
-        what `--prime` runs untimed first, so that no timed run pays the costs a process pays
-        once (CUDA's lazy module loading, cuBLAS handles, Triton compiling the guidance and
-        RoPE kernels and autotuning attention, which a user's first call also does at the base
-        size)."""
-        capped = self.sampled(1)
+        """What `--prime` runs untimed first, at this plan's sizes: the base stage and the first
+        high-res stage, each capped at PRIMER_STEPS (a high-res stage runs the last steps of the
+        base schedule, so the base needs as many). Then no timed run pays the
+        costs a process pays once: CUDA's lazy module loading, cuBLAS handles, Triton autotuning
+        attention (which a user's first call also does, at the base size) and compiling every
+        kernel variant a stage uses -- the guided-velocity kernel has one per way of holding the
+        previous velocities (none at step 0, another grid, the same grid), and Triton compiles
+        once more for sizes that are not multiples of 16 (the swin-padded grid of even steps).
+        Later stages reuse those variants: their grids divide by 16 as the first stage's do."""
+        capped = self.sampled(PRIMER_STEPS)
         return Plan(f"{self.name}:primer", capped.base, capped.stages[:1])
 
     def config(self) -> HiFlowConfig:
@@ -136,6 +141,11 @@ PLANS: dict[str, Plan] = {
         Plan("tiny", (64, 64, 2), ((128, 128, 2),)),
     )
 }
+
+# Steps of a primer's stages: in the first high-res stage, step 0 (no previous velocities, padded
+# grid), step 1 (previous velocities on the other grid, plain grid), step 2 (back to the padded
+# grid, or without swin the velocities updated in place).
+PRIMER_STEPS = 3
 
 _CUSTOM_STAGE = re.compile(r"^(\d+)(?:x(\d+))?x(\d+)$")
 
@@ -364,16 +374,18 @@ def run_once(path: str, models: Models, config: HiFlowConfig, noises, device: to
     return clock
 
 
-def prime_paths(plans: list[Plan], models: Models, device: torch.device, dtype: torch.dtype, args) -> None:
-    """`--prime`: each path once, untimed, on the primer of the first plan that fits (see
-    `Plan.primer`). A primer that fails is reported and timing goes on: the timed run of that
-    path records the failure itself."""
+def prime_paths(plans: list[Plan], models: Models, device: torch.device, dtype: torch.dtype, args) -> set[str]:
+    """`--prime`: each path once, untimed, on the primer of the first plan whose primer fits (see
+    `Plan.primer`) -> the paths primed. A primer that fails is reported and timing goes on (the
+    timed run of that path records the failure, if it fails again); its records say primed false."""
     plan = next((p for p in plans if _fits(p.primer(), models, device, dtype) is None), None)
     if plan is None:
-        return
+        print("  primer: none fits this device; nothing primed")
+        return set()
     primer = plan.primer()
     config = primer.config()
     noises = make_noises(config, models.size.vae["latent_channels"], args.seed, device, models.transformer.dtype)
+    primed = set()
     for path in args.paths:
         start_s = time.perf_counter()
         try:
@@ -381,8 +393,10 @@ def prime_paths(plans: list[Plan], models: Models, device: torch.device, dtype: 
         except Exception as exc:
             print(f"  primer {primer.describe()} {path}: {case_skip_reason(exc)}")
         else:
+            primed.add(path)
             print(f"  primed {path} on {primer.describe()} in {time.perf_counter() - start_s:.1f} s (untimed)")
         free_device_memory(device)
+    return primed
 
 
 def measure_plan(path: str, plan: Plan, models: Models, device: torch.device, args) -> list[dict[str, Any]]:
@@ -540,8 +554,7 @@ def _main(argv: list[str] | None) -> int:
     models = build_models(size, device, dtype)
     print(f"  built the models in {time.perf_counter() - build_start:.1f} s ({models.weight_bytes / 2**30:.2f} GiB of transformer weights)")
 
-    if args.prime:
-        prime_paths(plans, models, device, dtype, args)
+    primed = prime_paths(plans, models, device, dtype, args) if args.prime else set()
 
     sections: list[str] = []
     for plan in plans:
@@ -550,7 +563,7 @@ def _main(argv: list[str] | None) -> int:
             model=size.name, dtype=args.dtype, text_tokens=size.text_tokens, plan=plan.name, plan_spec=plan.describe(),
             sample_steps=args.sample_steps, estimated=args.sample_steps is not None and plan.sampled(args.sample_steps) != plan,
             matmul_rate_flops=rate, copy_bandwidth_bytes_per_s=bandwidth, attention=args.attention, backend=args.backend,
-            compile=args.compile, warmup_runs=args.warmup, primed=args.prime, threads=torch.get_num_threads(),
+            compile=args.compile, warmup_runs=args.warmup, threads=torch.get_num_threads(),
             text_encoding_timed=False, note=TEXT_NOTE,
         )
         plan_records = []
@@ -572,7 +585,7 @@ def _main(argv: list[str] | None) -> int:
                 flops, floor_s = floors["total"]
                 plan_records.append(make_record(
                     BENCH_NAME, device, path, None, None, environment, skipped=skip_reason, floor_s=floor_s,
-                    stage="total", label=f"{plan.name}:total", flops=flops, **common,
+                    stage="total", label=f"{plan.name}:total", flops=flops, primed=path in primed, **common,
                 ))
                 outputs.add(plan_records[-1:])
                 continue
@@ -583,7 +596,7 @@ def _main(argv: list[str] | None) -> int:
                 plan_records.append(make_record(
                     BENCH_NAME, device, path, timing, peak, environment, floor_s=floor_s,
                     label=f"{plan.name}:{summary['stage']}", **summary, peak_kind=PeakMemory.kind_of(device),
-                    flops=flops, work=_work(summary), **common, nvml_after=nvml,
+                    flops=flops, work=_work(summary), primed=path in primed, **common, nvml_after=nvml,
                 ))
                 print(f"    {summary['stage']:8s} median {timing.median_s:9.3f} s  (min {timing.min_s:.3f}, "
                       f"max {timing.max_s:.3f}; floor {floor_s:.3f} s)")

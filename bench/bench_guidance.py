@@ -203,7 +203,10 @@ def _main(argv: list[str] | None) -> int:
         if device.type == "cpu":
             # A shared CPU's slow periods would otherwise fall on one path only (the official
             # path's 3 calls take seconds): interleave the paths' calls.
-            timings = measure_interleaved({p: path_fn(p, inputs) for p in timed}, device, repeats, warmup=1)
+            try:
+                timings = measure_interleaved({p: path_fn(p, inputs) for p in timed}, device, repeats, warmup=1)
+            except Exception as exc:  # interleaved: which path raised is in the traceback
+                failed = dict.fromkeys(timed, case_skip_reason(exc))
         else:
             timings = {}
             for p in timed:
@@ -220,15 +223,24 @@ def _main(argv: list[str] | None) -> int:
                 dtype="float32", bytes_floor=floor_bytes, copy_bandwidth_bytes_per_s=bandwidth,
                 interpreter=bool(path == "fused" and device.type == "cpu"), threads=torch.get_num_threads(),
             )
-            if path in failed:
-                print(f"  {label} {path}: skipped ({failed[path]})")
-                records.append(make_record(BENCH_NAME, device, path, None, None, environment, skipped=failed[path], **case))
-                continue
-            timing = timings[path]
-            free_device_memory(device)
-            peak = peak_extra_bytes(path_fn(path, inputs, for_memory=device.type == "cpu"), device)
-            record = make_record(BENCH_NAME, device, path, timing, peak, environment, **case)
+            reason = failed.get(path)
+            if reason is None:
+                free_device_memory(device)
+                try:
+                    peak = peak_extra_bytes(path_fn(path, inputs, for_memory=device.type == "cpu"), device)
+                except Exception as exc:
+                    reason = case_skip_reason(exc)
+                    free_device_memory(device)
+            if reason is None:
+                timing = timings[path]
+                record = make_record(BENCH_NAME, device, path, timing, peak, environment, **case)
+            else:
+                print(f"  {label} {path}: skipped ({reason})")
+                record = make_record(BENCH_NAME, device, path, None, None, environment, skipped=reason, **case)
             records.append(record)
+            outputs.add([record])  # each case as soon as it is measured (gpu_check's step timeouts)
+            if reason is not None:
+                continue
             row[f"{path}_s"] = timing.median_s
             row[f"{path}_peak_MiB"] = None if peak is None else peak / 2**20
             row[f"{path}_floor"] = record["fraction_of_floor"]
@@ -240,7 +252,7 @@ def _main(argv: list[str] | None) -> int:
             for record in records:
                 if record["path"] != "official" and record["median_s"]:
                     record["speedup_vs_official"] = row["official_s"] / record["median_s"]
-        outputs.add(records)
+        outputs.add([])  # the speed-ups just set on records already written
         rows.append(row)
         del inputs
         free_device_memory(device)

@@ -283,8 +283,15 @@ def full_forward_peaks(device, dtype, image_tokens, dims, paths, attention, kern
     With `skipped`, a path that raises is recorded there (path -> reason) and the next one runs;
     without, the error propagates."""
     measure = measure or (lambda fn: peak_activation_bytes(fn, device))
-    model = build_model(device, dtype, dims, double=DOUBLE_BLOCKS, single=SINGLE_BLOCKS)
-    inputs = model_inputs(model, image_tokens, dims["text"], device, dtype)
+    try:
+        model = build_model(device, dtype, dims, double=DOUBLE_BLOCKS, single=SINGLE_BLOCKS)
+        inputs = model_inputs(model, image_tokens, dims["text"], device, dtype)
+    except Exception as exc:  # e.g. the 57-block model does not fit beside what is allocated
+        if skipped is None:
+            raise
+        skipped.update(dict.fromkeys(paths, case_skip_reason(exc)))
+        free_device_memory(device)
+        return {}
     peaks = {}
     for path in paths:
         try:
@@ -514,10 +521,21 @@ def _main(argv: list[str] | None) -> int:
 
         if args.compile and device.type == "cuda":
             swin = model_inputs(model, (int(math.isqrt(image_tokens)) + 1) ** 2, dims["text"], device, dtype, seed=1)
-            timing, warm_s, stats = compiled_pair(model, inputs, device, repeats, args.attention, args.kernels, args.chunk_tokens, swin)
-            records.append(make_record(f"{BENCH_NAME}.pair_compiled", device, "fast-compiled", timing, None, environment,
-                                       latent_hw=(side, side), warmup_s=warm_s, graphs=stats, **extra_common))
-            print(f"  {label} fast compiled + graphs: pair {timing.median_s * 1e3:.1f} ms, warm-up {warm_s:.1f} s {stats}")
+            try:
+                timing, warm_s, stats = compiled_pair(model, inputs, device, repeats, args.attention, args.kernels,
+                                                      args.chunk_tokens, swin)
+            except Exception as exc:  # a compile or CUDA-graph capture error
+                reason = case_skip_reason(exc)
+                print(f"  {label} fast compiled + graphs: skipped ({reason})")
+                records.append(make_record(f"{BENCH_NAME}.pair_compiled", device, "fast-compiled", None, None,
+                                           environment, latent_hw=(side, side), skipped=reason, **extra_common))
+                free_device_memory(device)
+            else:
+                records.append(make_record(f"{BENCH_NAME}.pair_compiled", device, "fast-compiled", timing, None, environment,
+                                           latent_hw=(side, side), warmup_s=warm_s, graphs=stats, **extra_common))
+                print(f"  {label} fast compiled + graphs: pair {timing.median_s * 1e3:.1f} ms, warm-up {warm_s:.1f} s {stats}")
+            outputs.add(records)
+            records = []
 
         if args.full and device.type == "cuda":
             full_paths = [p for p in ("stock", "fast") if p in paths]

@@ -139,18 +139,34 @@ def init_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def _keep_fp32_tensors(model: torch.nn.Module) -> None:
+    """Put back in fp32 the parameters and buffers a diffusers model asks to keep there, by
+    from_pretrained's rule: a tensor whose dotted name has an entry of `_keep_in_fp32_modules`
+    as one of its parts (an entry may name a module or a bare parameter)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    keep = {keep} if isinstance(keep, str) else set(keep)
+    if not keep:
+        return
+    for tensors in ("_parameters", "_buffers"):
+        for module_name, module in model.named_modules():
+            for leaf, tensor in getattr(module, tensors).items():
+                name = f"{module_name}.{leaf}" if module_name else leaf
+                if tensor is None or not tensor.is_floating_point() or not keep.intersection(name.split(".")):
+                    continue
+                cast = tensor.to(torch.float32)
+                getattr(module, tensors)[leaf] = (
+                    torch.nn.Parameter(cast, requires_grad=tensor.requires_grad) if tensors == "_parameters" else cast
+                )
+
+
 def _materialise(cls, config: dict[str, Any], device, dtype: torch.dtype, seed: int):
     with torch.device("meta"):
         model = cls(**config)
     # Cast on meta, then allocate: the weights are created once, in `dtype` (an fp32 copy of
     # FLUX.1-dev would need 48 GB on the GPU before the cast). The cast is torch's own: diffusers'
-    # `ModelMixin.to(dtype)` logs a warning about fp32-kept modules even when there are none. The
-    # modules a model asks to keep in fp32 stay fp32, as `from_pretrained(torch_dtype=)` keeps them.
+    # `ModelMixin.to(dtype)` logs a warning about fp32-kept modules even when there are none.
     torch.nn.Module.to(model, dtype)
-    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, module in model.named_modules():
-        if keep_fp32.intersection(name.split(".")):
-            torch.nn.Module.to(module, torch.float32)
+    _keep_fp32_tensors(model)
     model = model.to_empty(device=device)
     init_random_(model, seed)
     return model.eval().requires_grad_(False)

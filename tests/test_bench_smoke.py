@@ -44,7 +44,14 @@ def _run(name: str, tmp_path, *extra: str) -> list[dict]:
     assert status == 0
     records = json.loads(out.read_text())
     assert records, f"bench {name} wrote no records"
+    assert_each_case_once(records)
     return records
+
+
+def assert_each_case_once(records: list[dict]) -> None:
+    """No case written twice (the benchmarks write each case as soon as it is measured)."""
+    keys = [json.dumps([r.get(k) for k in ("name", "path", "label", "latent_hw", "op", "stage", "plan")]) for r in records]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
 
 
 # ---- each benchmark at its smallest size ---------------------------------------------------
@@ -81,6 +88,8 @@ def test_bench_all_runs_e2e_and_merges(tmp_path):
                              str(json_path), "--markdown", str(md_path)])
     assert status == 0
     records = json.loads(json_path.read_text())
+    assert len(records) == 2 * 4  # two paths x (base, stage1, decode, total)
+    assert_each_case_once(records)
     for record in records:
         assert not E2E_KEYS - set(record), sorted(E2E_KEYS - set(record))
         assert record["text_encoding_timed"] is False
@@ -101,8 +110,13 @@ def test_e2e_primes_each_path_untimed_before_timing(tmp_path, capsys):
     and first high-res stage before anything is timed, and the records say so."""
     from hiflow_fast.bench import bench_e2e
 
+    # Up to 3 steps of the first high-res stage (every guided-velocity variant and both swin
+    # grids) and of the base (whose schedule they end); no later stage.
+    (plan,) = bench_e2e.parse_plans("64x6>128x5>256x2")
+    assert plan.primer().base == (64, 64, 3) and plan.primer().stages == ((128, 128, 3),)
     (plan,) = bench_e2e.parse_plans("64x3>128x2>256x2")
-    assert plan.primer().base == (64, 64, 1) and plan.primer().stages == ((128, 128, 1),)
+    assert plan.primer().base == (64, 64, 3) and plan.primer().stages == ((128, 128, 2),)
+    plan.primer().config()  # a valid HiFlowConfig
     out = tmp_path / "e2e.json"
     status = bench_e2e.main(["--device", "cpu", "--cpu-allocator", "system", *bench_all.suite_args("e2e", "cpu", smoke=True),
                              "--prime", "--json", str(out)])
@@ -280,7 +294,7 @@ def test_random_models_keep_fp32_modules_and_cast_without_warning(caplog):
     from diffusers.configuration_utils import ConfigMixin, register_to_config
 
     class TwoLayers(ModelMixin, ConfigMixin):
-        _keep_in_fp32_modules = ["norm"]
+        _keep_in_fp32_modules = ["norm", "scale_shift_table"]  # a module and a bare parameter
 
         @register_to_config
         def __init__(self, width: int = 8):
@@ -288,6 +302,8 @@ def test_random_models_keep_fp32_modules_and_cast_without_warning(caplog):
             self.proj = torch.nn.Linear(width, width)
             self.norm = torch.nn.LayerNorm(width)
             self.block = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(width), "proj": torch.nn.Linear(width, width)})
+            self.block.scale_shift_table = torch.nn.Parameter(torch.zeros(2, width))
+            self.register_buffer("norm_steps", torch.zeros(3))  # a buffer, not kept
 
     # diffusers' loggers do not propagate to the root logger (pytest's caplog): listen on its own.
     diffusers_logger = logging.getLogger("diffusers")
@@ -298,13 +314,15 @@ def test_random_models_keep_fp32_modules_and_cast_without_warning(caplog):
     finally:
         diffusers_logger.removeHandler(caplog.handler)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
-    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    dtypes = {name: p.dtype for name, p in [*model.named_parameters(), *model.named_buffers()]}
     assert dtypes == {
         "proj.weight": torch.bfloat16, "proj.bias": torch.bfloat16,
         "norm.weight": torch.float32, "norm.bias": torch.float32,
         "block.norm.weight": torch.float32, "block.norm.bias": torch.float32,
         "block.proj.weight": torch.bfloat16, "block.proj.bias": torch.bfloat16,
+        "block.scale_shift_table": torch.float32, "norm_steps": torch.bfloat16,
     }
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
     assert not any(p.is_meta for p in model.parameters())
 
 
@@ -409,6 +427,9 @@ def test_case_skip_reason_records_failures_and_lets_bad_input_through(capsys):
 
     oom = case_skip_reason(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"))
     assert oom == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    cpu_oom = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
+    assert case_skip_reason(cpu_oom).startswith("out of memory: DefaultCPUAllocator")
+    assert case_skip_reason(MemoryError()) == "out of memory"
     assert capsys.readouterr().err == ""  # a size that does not fit is a result, not a failure
     try:
         raise RuntimeError("No available kernel. Aborting execution.")
@@ -430,7 +451,7 @@ def test_case_skip_reason_records_failures_and_lets_bad_input_through(capsys):
 def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, capsys):
     """bench vae with untiled encode raising: that case is a `failed: ...` record, the three
     others are measured, every record is in the JSON, and the exit status is 1."""
-    from hiflow_fast.bench import bench_vae
+    from hiflow_fast.bench import bench_vae, common
 
     op_fn = bench_vae.op_fn
 
@@ -442,12 +463,16 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypat
         return op_fn(op, vae, x, tiled)
 
     monkeypatch.setattr(bench_vae, "op_fn", failing_op_fn)
+    # No final rewrite: the JSON holds exactly what was written case by case.
+    monkeypatch.setattr(common.Outputs, "finish", lambda self, markdown, title: None)
     out = tmp_path / "vae.json"
     status = bench_vae.main(["--device", "cpu", "--cpu-allocator", "system", *bench_all.suite_args("vae", "cpu", smoke=True),
                              "--json", str(out)])
     assert status == 1
-    records = {(r["op"], r["path"]): r for r in json.loads(out.read_text())}
-    assert len(records) == 4
+    written = json.loads(out.read_text())
+    assert len(written) == 4
+    assert_each_case_once(written)
+    records = {(r["op"], r["path"]): r for r in written}
     failed = records["encode", "untiled"]
     assert failed["median_s"] is None and failed["skipped"] == "failed: RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"
     assert all(r["median_s"] > 0 for key, r in records.items() if key != ("encode", "untiled"))
