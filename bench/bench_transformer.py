@@ -454,7 +454,6 @@ def _main(argv: list[str] | None) -> int:
     model = build_model(device, dtype, dims)
     block_rows, step_rows, attn_rows = [], [], []
     for label, image_tokens in sizes.items():
-        records = []
         tokens = image_tokens + dims["text"]
         inputs = model_inputs(model, image_tokens, dims["text"], device, dtype)
         flops = block_flops(hidden, tokens)
@@ -463,39 +462,37 @@ def _main(argv: list[str] | None) -> int:
         side = 2 * int(math.isqrt(image_tokens))
         extra_common = dict(image_tokens=image_tokens, text_tokens=dims["text"], hidden=hidden, dtype=dtype_name,
                             matmul_rate_flops=rate, quick=args.quick)
+
+        def write(kind, path, timing, peak, **extra):
+            """One case of this size, into the JSON as soon as it is measured (gpu_check stops a
+            step at its budget)."""
+            outputs.add([make_record(f"{BENCH_NAME}.{kind}", device, path, timing, peak, environment,
+                                     latent_hw=(side, side), **extra, **extra_common)])
+
         for path in paths:
             try:
                 res = time_blocks(model, path, inputs, device, repeats, args.attention, args.kernels, args.chunk_tokens, args.warmup)
             except Exception as exc:
                 reason = case_skip_reason(exc)
                 print(f"  {label} {path}: skipped ({reason})")
-                records.append(make_record(f"{BENCH_NAME}.step_estimate", device, path, None, None, environment,
-                                           latent_hw=(side, side), floor_s=floor_s, flops=step_flops, skipped=reason,
-                                           **extra_common))
-                outputs.add(records)
-                records = []
+                write("step_estimate", path, None, None, floor_s=floor_s, flops=step_flops, skipped=reason)
                 free_device_memory(device)
                 continue
             (t_d, p_d), (t_s, p_s), (t_r, _) = res["double"], res["single"], res["rope"]
             step_s = DOUBLE_BLOCKS * t_d.median_s + SINGLE_BLOCKS * t_s.median_s + t_r.median_s
             for block, timing, peak in (("double", t_d, p_d), ("single", t_s, p_s)):
                 fraction = flops / timing.median_s / rate
-                records.append(make_record(f"{BENCH_NAME}.{block}_block", device, path, timing, peak, environment,
-                                           latent_hw=(side, side), floor_s=flops / rate, flops=flops, **extra_common))
+                write(f"{block}_block", path, timing, peak, floor_s=flops / rate, flops=flops)
                 block_rows.append({"size": label, "tokens": tokens, "block": block, "path": path,
                                    "median_ms": timing.median_s * 1e3, "TFLOP/s": flops / timing.median_s / 1e12,
                                    "of_matmul": fraction, "peak": fmt_bytes(peak)})
             peak_block = max(filter(None, [p_d, p_s]), default=None)
-            records.append(make_record(f"{BENCH_NAME}.step_estimate", device, path, Timing(step_s, step_s, step_s, 1),
-                                       peak_block, environment, latent_hw=(side, side), floor_s=floor_s,
-                                       flops=step_flops, rope_s=t_r.median_s, **extra_common))
+            write("step_estimate", path, Timing(step_s, step_s, step_s, 1), peak_block, floor_s=floor_s,
+                  flops=step_flops, rope_s=t_r.median_s)
             step_rows.append({"size": label, "path": path, "step_s": step_s, "floor_s": floor_s,
                               "x_floor": step_s / floor_s, "peak_block": fmt_bytes(peak_block)})
             print(f"  {label} {path}: double {t_d.median_s * 1e3:.1f} ms, single {t_s.median_s * 1e3:.1f} ms, "
                   f"step ~{step_s:.3f} s = {step_s / floor_s:.2f}x floor, peaks {fmt_bytes(p_d)} / {fmt_bytes(p_s)}")
-            # Each case is written as soon as it is measured: gpu_check stops a step at its budget.
-            outputs.add(records)
-            records = []
             free_device_memory(device)
 
         if not args.no_attention:
@@ -503,21 +500,16 @@ def _main(argv: list[str] | None) -> int:
             timings = time_attention(available_backends(), tokens, dims, device, dtype, repeats, args.warmup,
                                      skipped=attention_skipped)
             fl = attention_flops(tokens, dims["heads"], dims["head_dim"])
+            attention_case = dict(floor_s=fl / rate, flops=fl, heads=dims["heads"], head_dim=dims["head_dim"])
             sdpa_best = min((t.median_s for n, t in timings.items() if n.startswith("sdpa")), default=None)
             for name, timing in timings.items():
                 ratio = timing.median_s / sdpa_best if sdpa_best else None
-                records.append(make_record(f"{BENCH_NAME}.attention", device, name, timing, None, environment,
-                                           latent_hw=(side, side), floor_s=fl / rate, flops=fl,
-                                           vs_fastest_sdpa=ratio, heads=dims["heads"], head_dim=dims["head_dim"], **extra_common))
+                write("attention", name, timing, None, vs_fastest_sdpa=ratio, **attention_case)
                 attn_rows.append({"size": label, "tokens": tokens, "backend": name, "median_ms": timing.median_s * 1e3,
                                   "TFLOP/s": fl / timing.median_s / 1e12, "of_matmul": fl / timing.median_s / rate,
                                   "vs_fastest_sdpa": ratio})
             for name, reason in attention_skipped.items():
-                records.append(make_record(f"{BENCH_NAME}.attention", device, name, None, None, environment,
-                                           latent_hw=(side, side), floor_s=fl / rate, flops=fl, skipped=reason,
-                                           heads=dims["heads"], head_dim=dims["head_dim"], **extra_common))
-            outputs.add(records)
-            records = []
+                write("attention", name, None, None, skipped=reason, **attention_case)
 
         if args.compile and device.type == "cuda":
             swin = model_inputs(model, (int(math.isqrt(image_tokens)) + 1) ** 2, dims["text"], device, dtype, seed=1)
@@ -527,15 +519,11 @@ def _main(argv: list[str] | None) -> int:
             except Exception as exc:  # a compile or CUDA-graph capture error
                 reason = case_skip_reason(exc)
                 print(f"  {label} fast compiled + graphs: skipped ({reason})")
-                records.append(make_record(f"{BENCH_NAME}.pair_compiled", device, "fast-compiled", None, None,
-                                           environment, latent_hw=(side, side), skipped=reason, **extra_common))
+                write("pair_compiled", "fast-compiled", None, None, skipped=reason)
                 free_device_memory(device)
             else:
-                records.append(make_record(f"{BENCH_NAME}.pair_compiled", device, "fast-compiled", timing, None, environment,
-                                           latent_hw=(side, side), warmup_s=warm_s, graphs=stats, **extra_common))
+                write("pair_compiled", "fast-compiled", timing, None, warmup_s=warm_s, graphs=stats)
                 print(f"  {label} fast compiled + graphs: pair {timing.median_s * 1e3:.1f} ms, warm-up {warm_s:.1f} s {stats}")
-            outputs.add(records)
-            records = []
 
         if args.full and device.type == "cuda":
             full_paths = [p for p in ("stock", "fast") if p in paths]
@@ -543,14 +531,10 @@ def _main(argv: list[str] | None) -> int:
             peaks = full_forward_peaks(device, dtype, image_tokens, dims, full_paths, args.attention, args.kernels,
                                        args.chunk_tokens, skipped=full_skipped)
             for path, peak in peaks.items():
-                # Memory only: no timing (median_s null).
-                records.append(make_record(f"{BENCH_NAME}.full_forward_peak", device, path, None, peak, environment,
-                                           latent_hw=(side, side), **extra_common))
+                write("full_forward_peak", path, None, peak)  # memory only: no timing (median_s null)
                 print(f"  {label} full forward ({DOUBLE_BLOCKS}+{SINGLE_BLOCKS} blocks) {path}: peak activations {fmt_bytes(peak)}")
             for path, reason in full_skipped.items():
-                records.append(make_record(f"{BENCH_NAME}.full_forward_peak", device, path, None, None, environment,
-                                           latent_hw=(side, side), skipped=reason, **extra_common))
-        outputs.add(records)
+                write("full_forward_peak", path, None, None, skipped=reason)
 
     tables = [
         markdown_table(block_rows, [(h, h) for h in ("size", "tokens", "block", "path", "median_ms", "TFLOP/s", "of_matmul", "peak")]),
