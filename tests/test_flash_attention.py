@@ -136,6 +136,16 @@ def test_bad_input_names_the_field(change, field):
     assert info.value.field == field
 
 
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    """Kernels compiled for the GPU never see a CPU tensor: a clear error, not a launch failure."""
+    from hiflow_fast.ops import flash_attention as op_module
+
+    monkeypatch.setattr(op_module, "INTERPRET", False)
+    with pytest.raises(HiFlowInputError) as info:
+        flash_attention(*(torch.zeros(1, 4, 2, 16) for _ in range(3)))
+    assert info.value.field == "q.device"
+
+
 def test_bad_rope_names_the_field():
     q = torch.zeros(1, 4, 2, 16, device=DEVICE)
     with pytest.raises(HiFlowInputError) as info:

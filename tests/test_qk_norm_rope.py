@@ -156,3 +156,13 @@ def test_bad_input_names_the_field(change, field):
     with pytest.raises(HiFlowInputError) as info:
         qk_norm_rope(**args)
     assert info.value.field == field
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    """Kernels compiled for the GPU never see a CPU tensor: a clear error, not a launch failure."""
+    from hiflow_fast.ops import qk_norm_rope as op_module
+
+    monkeypatch.setattr(op_module, "INTERPRET", False)
+    with pytest.raises(HiFlowInputError) as info:
+        qk_norm_rope(torch.zeros(1, 4, 2, 16), torch.zeros(1, 4, 2, 16))
+    assert info.value.field == "q.device"

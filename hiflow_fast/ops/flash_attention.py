@@ -21,9 +21,9 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from hiflow_fast.errors import HiFlowInputError
+from hiflow_fast.ops.head_tensors import check_head_tensor
 from hiflow_fast.kernels.flash_attention import INTERPRET, launch_flash_attention
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 MAX_AXES = 3
@@ -85,16 +85,7 @@ if INTERPRET:
 def check_flash_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeSpec | None = None) -> None:
     """HiFlowInputError (field, value, allowed values) for anything the kernel cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise HiFlowInputError(f"{name}.shape", getattr(t, "shape", t), "a 4-D tensor [B, S, H, D]")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise HiFlowInputError(f"{name}.dtype", t.dtype, "torch.float16, torch.bfloat16 or torch.float32")
-        if t.stride(-1) != 1:
-            raise HiFlowInputError(f"{name}.stride(-1)", t.stride(-1), "1 (the head dim contiguous)")
-        if t.device.type != "cuda" and not INTERPRET:
-            raise HiFlowInputError(
-                f"{name}.device", t.device, "a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU interpreter)"
-            )
+        check_head_tensor(name, t, interpreted=INTERPRET)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise HiFlowInputError("k.dtype/v.dtype", (k.dtype, v.dtype), f"the dtype of q, {q.dtype}")
     if k.device != q.device or v.device != q.device:

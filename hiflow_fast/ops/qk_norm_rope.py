@@ -21,9 +21,9 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from hiflow_fast.errors import HiFlowInputError
+from hiflow_fast.ops.head_tensors import check_head_tensor
 from hiflow_fast.kernels.qk_norm_rope import INTERPRET, launch_qk_norm_rope
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512
 MAX_AXES = 3
 
@@ -89,12 +89,7 @@ if INTERPRET:
 
 def _check_inputs(q, k, q_weight, k_weight, q_weight_txt, k_weight_txt, ids, axes_dim, n_txt) -> None:
     for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise HiFlowInputError(f"{name}.shape", getattr(t, "shape", t), "a 4-D tensor [B, S, H, D]")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise HiFlowInputError(f"{name}.dtype", t.dtype, "torch.float16, torch.bfloat16 or torch.float32")
-        if t.stride(-1) != 1:
-            raise HiFlowInputError(f"{name}.stride(-1)", t.stride(-1), "1 (the head dim contiguous)")
+        check_head_tensor(name, t, interpreted=INTERPRET)
     if k.shape != q.shape:
         raise HiFlowInputError("k.shape", tuple(k.shape), f"the shape of q, {tuple(q.shape)}")
     if k.dtype != q.dtype or k.device != q.device:
