@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -48,7 +47,6 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .backend import resolve_backend
 from .errors import HiFlowInputError
-from .ref.attention import proportional_attention_scale
 from .ref.rope import ntk_rope_cos_sin
 from .transformer import HiFlowAttnProcessor, NTKFluxPosEmbed
 
@@ -240,11 +238,7 @@ class FastHiFlowAttnProcessor(HiFlowAttnProcessor):
             **in_place,
         )
 
-        head_dim = query.shape[-1]
-        if self.proportional:
-            scale = proportional_attention_scale(key.shape[1], head_dim)
-        else:
-            scale = 1.0 / math.sqrt(head_dim)
+        scale = self.softmax_scale(key.shape[1], query.shape[-1])
         if self.rope_in_attention:
             from .ops.flash_attention import RopeSpec, flash_attention
 
@@ -252,15 +246,7 @@ class FastHiFlowAttnProcessor(HiFlowAttnProcessor):
         else:
             hidden_states = self.attention_fn(query, key, value, scale)
         del query, key, value
-        hidden_states = hidden_states.flatten(2, 3)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+        return self.project_out(attn, hidden_states.flatten(2, 3), encoder_hidden_states)
 
 
 # ---- memory-lean block forwards -----------------------------------------------------------

@@ -96,21 +96,27 @@ class HiFlowAttnProcessor(FluxAttnProcessor):
             cos, sin = image_rotary_emb
             query = apply_rope(query, cos, sin)
             key = apply_rope(key, cos, sin)
-        head_dim = query.shape[-1]
+        hidden_states = self.attention_fn(query, key, value, self.softmax_scale(key.shape[1], query.shape[-1]))
+        return self.project_out(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states)
+
+    def softmax_scale(self, key_length: int, head_dim: int) -> float:
+        """sqrt(log_4608(N) / d) when `proportional`, else 1/sqrt(d)."""
         if self.proportional:
-            scale = proportional_attention_scale(key.shape[1], head_dim)
-        else:
-            scale = 1.0 / math.sqrt(head_dim)
-        hidden_states = self.attention_fn(query, key, value, scale)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+            return proportional_attention_scale(key_length, head_dim)
+        return 1.0 / math.sqrt(head_dim)
+
+    @staticmethod
+    def project_out(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+        """Flux's output projections of the attention output [B, S, H * D]: with text tokens,
+        split it into (text, image) and return (image, text) each through its own projection."""
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+        )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
 
 
 class TransformerPatch:
