@@ -1,0 +1,39 @@
+// hiflow_fast_native::reference_flow: the unguided x0 and the bicubic reference's difference
+// from it, in one pass (the math of kernels/reference_flow.py).
+//
+// For every latent pixel (b, c, i, j) of the current grid [B, C, h, w]:
+//   x0   = x - sigma * v                      (x, v: packed sample and model output)
+//   diff = bicubic(ref)(i, j) - x0            (ref: the previous stage's packed x0 on ref_h x ref_w)
+// Outputs: x0 packed [B, N, 4C] fp32, diff unpacked [B, C, h, w] fp32. All math in fp32.
+#pragma once
+
+#include "common.h"
+
+namespace hiflow_native {
+
+struct ReferenceFlowArgs {
+  Source sample;        // [B, N, 4C] packed, current grid
+  Source model_output;  // [B, N, 4C]
+  Source ref_x0;        // [B, N_ref, 4C] packed on (ref_h, ref_w)
+  float* pred_x0;       // out: [B, N, 4C] fp32
+  float* diff;          // out: [B, C, h, w] fp32
+  index_t batch, channels, height, width, ref_h, ref_w;
+  float scale_h, scale_w;  // ref_h / height, ref_w / width in fp32 (PyTorch's scales)
+  float sigma;
+};
+
+// Pixel (b, c, i, j); rows / cols: the bicubic taps of row i and column j.
+HIFLOW_HD inline void reference_flow_element(const ReferenceFlowArgs& a, index_t b, index_t c, index_t i, index_t j,
+                                             const AxisTaps& rows, const AxisTaps& cols) {
+  const index_t p = packed_offset(b, c, i, j, a.height, a.width, a.channels);
+  const float x0 = a.sample[p] - a.model_output[p] * a.sigma;
+  const float ref = bicubic_sample(a.ref_x0, b, c, a.ref_h, a.ref_w, a.channels, rows, cols);
+  a.pred_x0[p] = x0;
+  a.diff[((b * a.channels + c) * a.height + i) * a.width + j] = ref - x0;
+}
+
+void reference_flow_cpu(const ReferenceFlowArgs& args);
+// stream: a cudaStream_t (void* here, so that this header needs no CUDA header).
+void reference_flow_cuda(const ReferenceFlowArgs& args, void* stream);
+
+}  // namespace hiflow_native
