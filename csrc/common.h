@@ -94,28 +94,20 @@ struct Source {
   DType dtype;
 
   HIFLOW_HD float operator[](index_t i) const {
-    switch (dtype) {
-      case DType::kFloat16:
-        return float_from_half(static_cast<const uint16_t*>(data)[i]);
-      case DType::kBFloat16:
-        return float_from_bfloat16(static_cast<const uint16_t*>(data)[i]);
-      default:
-        return static_cast<const float*>(data)[i];
-    }
+    // fp32 first and by a plain comparison (not a switch, which may become a jump table): the
+    // common case costs one predictable branch.
+    if (dtype == DType::kFloat32) return static_cast<const float*>(data)[i];
+    const uint16_t bits = static_cast<const uint16_t*>(data)[i];
+    return dtype == DType::kBFloat16 ? float_from_bfloat16(bits) : float_from_half(bits);
   }
 };
 
 // Stores fp32 into a tensor of any supported dtype, rounding once (to nearest even).
 HIFLOW_HD inline void store_as(void* data, DType dtype, index_t i, float value) {
-  switch (dtype) {
-    case DType::kFloat16:
-      static_cast<uint16_t*>(data)[i] = half_from_float(value);
-      break;
-    case DType::kBFloat16:
-      static_cast<uint16_t*>(data)[i] = bfloat16_from_float(value);
-      break;
-    default:
-      static_cast<float*>(data)[i] = value;
+  if (dtype == DType::kFloat32) {
+    static_cast<float*>(data)[i] = value;
+  } else {
+    static_cast<uint16_t*>(data)[i] = dtype == DType::kBFloat16 ? bfloat16_from_float(value) : half_from_float(value);
   }
 }
 
@@ -137,11 +129,10 @@ HIFLOW_HD inline index_t packed_offset(index_t b, index_t c, index_t i, index_t 
 // PyTorch's bicubic convolution parameter (Keys' A); hiflow_fast.bicubic.BICUBIC_A.
 constexpr float kBicubicA = -0.75f;
 
-// The four taps of one axis: packed-offset contributions of the clamped source indices and
-// their weights. Separable, so the CPU loop computes each axis's taps once per row / column and
-// the GPU per element; both then call bicubic_sample.
+// The four taps of one axis: the clamped source indices and their weights. Separable: the CPU
+// loops compute each row's and column's taps once, the GPU per element.
 struct AxisTaps {
-  index_t offset[4];
+  index_t index[4];
   float weight[4];
 };
 
@@ -157,55 +148,56 @@ HIFLOW_HD inline void cubic_weights(float t, float* w) {
   w[3] = ((a * s3 - 5.0f * a) * s3 + 8.0f * a) * s3 - 4.0f * a;
 }
 
-// Source coordinate of output index `dst` (not clamped at 0 for cubic), rounded once as
-// PyTorch's kernel computes it: (dst + 0.5) * scale - 0.5 as a fused multiply-add.
-HIFLOW_HD inline float bicubic_source(index_t dst, float scale) {
-  return fmaf(static_cast<float>(dst) + 0.5f, scale, -0.5f);
-}
-
-HIFLOW_HD inline index_t clamp_index(index_t k, index_t size) { return k < 0 ? 0 : (k > size - 1 ? size - 1 : k); }
-
-// Taps along the rows (i) of a packed (ref_h, ref_w) grid; scale = ref_h / h in fp32.
-HIFLOW_HD inline AxisTaps bicubic_row_taps(index_t i, float scale, index_t ref_h, index_t ref_w, index_t channels) {
+// Taps of output index `dst` along an axis of `size` source samples, scale = size / out_size in
+// fp32. The source coordinate (dst + 0.5) * scale - 0.5 is not clamped at 0 for cubic and is
+// rounded once, as PyTorch's kernel computes it (a fused multiply-add); the tap indices are.
+HIFLOW_HD inline AxisTaps bicubic_taps(index_t dst, float scale, index_t size) {
   AxisTaps taps;
-  const float src = bicubic_source(i, scale);
+  const float src = fmaf(static_cast<float>(dst) + 0.5f, scale, -0.5f);
   const float floor_src = floorf(src);
   cubic_weights(src - floor_src, taps.weight);
   const index_t first = static_cast<index_t>(floor_src) - 1;
   for (int k = 0; k < 4; ++k) {
-    const index_t row = clamp_index(first + k, ref_h);
-    taps.offset[k] = (row / 2) * (ref_w / 2) * 4 * channels + 2 * (row % 2);
+    const index_t at = first + k;
+    taps.index[k] = at < 0 ? 0 : (at > size - 1 ? size - 1 : at);
   }
   return taps;
 }
 
-// Taps along the columns (j) of a packed grid of width ref_w; scale = ref_w / w in fp32.
-HIFLOW_HD inline AxisTaps bicubic_col_taps(index_t j, float scale, index_t ref_w, index_t channels) {
-  AxisTaps taps;
-  const float src = bicubic_source(j, scale);
-  const float floor_src = floorf(src);
-  cubic_weights(src - floor_src, taps.weight);
-  const index_t first = static_cast<index_t>(floor_src) - 1;
-  for (int k = 0; k < 4; ++k) {
-    const index_t col = clamp_index(first + k, ref_w);
-    taps.offset[k] = (col / 2) * 4 * channels + (col % 2);
-  }
-  return taps;
+// Offset of channel c, row `row`, column 0 of image b in a packed (ref_h, ref_w) tensor; column
+// `col` adds packed_column_offset(col).
+HIFLOW_HD inline index_t packed_row_offset(index_t b, index_t c, index_t row, index_t ref_h, index_t ref_w,
+                                           index_t channels) {
+  const index_t features = 4 * channels;
+  return (b * (ref_h / 2) + row / 2) * (ref_w / 2) * features + 4 * c + 2 * (row % 2);
 }
 
-// Bicubic value of channel c of image b from the packed reference (ref_h, ref_w), fp32: each
-// row's 4 taps summed first, then the rows (the Triton kernel's order).
+HIFLOW_HD inline index_t packed_column_offset(index_t col, index_t channels) { return (col / 2) * 4 * channels + col % 2; }
+
+// One source row resampled at an output column: sum_k w_k * R[row, col_k] (`row` from
+// packed_row_offset). The first stage of the separable bicubic.
+HIFLOW_HD inline float bicubic_across(const Source& ref, index_t row, const AxisTaps& cols, index_t channels) {
+  return cols.weight[0] * ref[row + packed_column_offset(cols.index[0], channels)] +
+         cols.weight[1] * ref[row + packed_column_offset(cols.index[1], channels)] +
+         cols.weight[2] * ref[row + packed_column_offset(cols.index[2], channels)] +
+         cols.weight[3] * ref[row + packed_column_offset(cols.index[3], channels)];
+}
+
+// The second stage: the four resampled rows combined with the row weights (the Triton
+// kernel's order: each row's sum first, then the rows).
+HIFLOW_HD inline float bicubic_down(const AxisTaps& rows, float r0, float r1, float r2, float r3) {
+  return rows.weight[0] * r0 + rows.weight[1] * r1 + rows.weight[2] * r2 + rows.weight[3] * r3;
+}
+
+// Bicubic (align_corners=False) value of channel c of image b at the output pixel whose row
+// and column taps are given, read from the packed reference (ref_h, ref_w); fp32. (The GPU's
+// way; the CPU keeps the first stage's rows in a buffer and calls bicubic_down itself.)
 HIFLOW_HD inline float bicubic_sample(const Source& ref, index_t b, index_t c, index_t ref_h, index_t ref_w,
                                       index_t channels, const AxisTaps& rows, const AxisTaps& cols) {
-  const index_t base = b * (ref_h / 2) * (ref_w / 2) * 4 * channels + 4 * c;
-  float sum = 0.0f;
-  for (int r = 0; r < 4; ++r) {
-    const index_t row = base + rows.offset[r];
-    const float across = cols.weight[0] * ref[row + cols.offset[0]] + cols.weight[1] * ref[row + cols.offset[1]] +
-                         cols.weight[2] * ref[row + cols.offset[2]] + cols.weight[3] * ref[row + cols.offset[3]];
-    sum = r == 0 ? rows.weight[0] * across : sum + rows.weight[r] * across;
-  }
-  return sum;
+  float across[4];
+  for (int r = 0; r < 4; ++r)
+    across[r] = bicubic_across(ref, packed_row_offset(b, c, rows.index[r], ref_h, ref_w, channels), cols, channels);
+  return bicubic_down(rows, across[0], across[1], across[2], across[3]);
 }
 
 // The velocity formula's epsilon (hiflow_fast.ref.guided_velocity.VELOCITY_EPS: the official 1e-6).

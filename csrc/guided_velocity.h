@@ -73,10 +73,10 @@ HIFLOW_HD inline OutputPixel output_pixel(const GuidedVelocityArgs& a, index_t o
   return pixel_at(a, o / (features * out_tokens), f / 4, oi, oj);
 }
 
-// Computes and stores output element o, which holds pixel px; rows / cols: the bicubic taps of
-// px.i and px.j (unused, and may be anything, when px is outside the current grid).
+// Computes and stores output element o, which holds pixel px; ref: the bicubic reference value
+// at px (bicubic_sample, or the CPU's two-stage equivalent; unused in the pad ring).
 HIFLOW_HD inline void guided_velocity_element(const GuidedVelocityArgs& a, index_t o, const OutputPixel& px,
-                                              const AxisTaps& rows, const AxisTaps& cols) {
+                                              float ref) {
   if (!px.inside) {  // the pad ring: zero in every output, whatever the state held
     store_as(a.x_next, a.x_next_dtype, o, 0.0f);
     a.v[o] = 0.0f;
@@ -86,7 +86,6 @@ HIFLOW_HD inline void guided_velocity_element(const GuidedVelocityArgs& a, index
   const index_t p = packed_offset(px.b, px.c, px.i, px.j, a.height, a.width, a.channels);
   const float x = a.sample[p];
   const float x0_guided = a.pred_x0[p] + a.lowpass[((px.b * a.channels + px.c) * a.height + px.i) * a.width + px.j];
-  const float ref = bicubic_sample(a.ref_x0, px.b, px.c, a.ref_h, a.ref_w, a.channels, rows, cols);
   float v = (x - x0_guided) * a.inv_denom;
   const float v_ref = (x - ref) * a.inv_denom;
   if (a.prev_mode != kPrevNone) {

@@ -22,12 +22,12 @@ struct ReferenceFlowArgs {
   float sigma;
 };
 
-// Pixel (b, c, i, j); rows / cols: the bicubic taps of row i and column j.
+// Pixel (b, c, i, j), given its bicubic reference value `ref` (bicubic_sample, or the CPU's
+// two-stage equivalent).
 HIFLOW_HD inline void reference_flow_element(const ReferenceFlowArgs& a, index_t b, index_t c, index_t i, index_t j,
-                                             const AxisTaps& rows, const AxisTaps& cols) {
+                                             float ref) {
   const index_t p = packed_offset(b, c, i, j, a.height, a.width, a.channels);
   const float x0 = a.sample[p] - a.model_output[p] * a.sigma;
-  const float ref = bicubic_sample(a.ref_x0, b, c, a.ref_h, a.ref_w, a.channels, rows, cols);
   a.pred_x0[p] = x0;
   a.diff[((b * a.channels + c) * a.height + i) * a.width + j] = ref - x0;
 }

@@ -130,7 +130,8 @@ def is_built(variant: str | None = None) -> bool:
         return False
 
 
-def _why_not_buildable(variant: str) -> str | None:
+def missing_build_tools(variant: str) -> str | None:
+    """Why this machine cannot build `variant` (no compiler, ninja, nvcc or sources), or None."""
     if not (source_dir() / "binding.cpp").is_file():
         return f"its sources (csrc/) are not installed (looked in {source_dir()})"
     from torch.utils.cpp_extension import get_cxx_compiler
@@ -164,7 +165,7 @@ def load(variant: str | None = None, *, verbose: bool = False) -> str:
         )
     path = library_path(variant)
     if not path.is_file():
-        reason = _why_not_buildable(variant)
+        reason = missing_build_tools(variant)
         if reason is not None:
             raise NativeUnavailable(f"the native ops are not built and cannot be built here: {reason}")
         _build(variant, path, verbose=verbose)

@@ -94,3 +94,39 @@ def load_golden(directory: str | None = None):
 @pytest.fixture(scope="session")
 def golden():
     return load_golden()
+
+
+@pytest.fixture(scope="session")
+def native_ops():
+    """torch.ops.hiflow_fast_native, built once (into the user cache, or $HIFLOW_NATIVE_CACHE;
+    a cached up-to-date build is loaded without compiling) and loaded for the session. Skips
+    only when this machine lacks the build tools (compiler, ninja); a build that fails with the
+    tools present fails the tests."""
+    from hiflow_fast import native
+
+    missing = None if native.is_built() else native.missing_build_tools(native.default_variant())
+    if missing is not None:
+        pytest.skip(f"the native backend cannot be built here: {missing}")
+    native.load()
+    return torch.ops.hiflow_fast_native
+
+
+@pytest.fixture(params=["triton", "native"])
+def guidance_ops(request):
+    """The op namespace of one implementation of the guidance ops (same schemas): Triton's
+    hiflow_fast:: (through the interpreter on a CPU) or csrc/'s hiflow_fast_native::."""
+    if request.param == "native":
+        return request.getfixturevalue("native_ops")
+    from hiflow_fast.backend import load_triton_ops
+
+    load_triton_ops()
+    return torch.ops.hiflow_fast
+
+
+@pytest.fixture(autouse=True)
+def _native_backend_built(request):
+    """Tests parametrized with backend="native" get the session's native build (or skip, as
+    `native_ops` does, where the build tools are missing)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "native":
+        request.getfixturevalue("native_ops")

@@ -12,11 +12,13 @@ __global__ void guided_velocity_kernel(GuidedVelocityArgs a, int64_t n) {
   if (thread >= n) return;
   const index_t o = static_cast<index_t>(thread);
   const OutputPixel px = output_pixel(a, o);
-  // The pad ring's taps are never read: compute them for a valid pixel.
-  const index_t i = px.inside ? px.i : 0, j = px.inside ? px.j : 0;
-  const AxisTaps rows = bicubic_row_taps(i, a.scale_h, a.ref_h, a.ref_w, a.channels);
-  const AxisTaps cols = bicubic_col_taps(j, a.scale_w, a.ref_w, a.channels);
-  guided_velocity_element(a, o, px, rows, cols);
+  float ref = 0.0f;  // (the pad ring needs no reference)
+  if (px.inside) {
+    const AxisTaps rows = bicubic_taps(px.i, a.scale_h, a.ref_h);
+    const AxisTaps cols = bicubic_taps(px.j, a.scale_w, a.ref_w);
+    ref = bicubic_sample(a.ref_x0, px.b, px.c, a.ref_h, a.ref_w, a.channels, rows, cols);
+  }
+  guided_velocity_element(a, o, px, ref);
 }
 
 void guided_velocity_cuda(const GuidedVelocityArgs& args, void* stream) {

@@ -13,9 +13,9 @@ __global__ void reference_flow_kernel(ReferenceFlowArgs a, int64_t n) {
   const index_t i = (e / a.width) % a.height;
   const index_t c = (e / (a.width * a.height)) % a.channels;
   const index_t b = e / (a.width * a.height * a.channels);
-  const AxisTaps rows = bicubic_row_taps(i, a.scale_h, a.ref_h, a.ref_w, a.channels);
-  const AxisTaps cols = bicubic_col_taps(j, a.scale_w, a.ref_w, a.channels);
-  reference_flow_element(a, b, c, i, j, rows, cols);
+  const AxisTaps rows = bicubic_taps(i, a.scale_h, a.ref_h);
+  const AxisTaps cols = bicubic_taps(j, a.scale_w, a.ref_w);
+  reference_flow_element(a, b, c, i, j, bicubic_sample(a.ref_x0, b, c, a.ref_h, a.ref_w, a.channels, rows, cols));
 }
 
 void reference_flow_cuda(const ReferenceFlowArgs& args, void* stream) {
