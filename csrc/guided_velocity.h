@@ -73,34 +73,48 @@ HIFLOW_HD inline OutputPixel output_pixel(const GuidedVelocityArgs& a, index_t o
   return pixel_at(a, o / (features * out_tokens), f / 4, oi, oj);
 }
 
-// Computes and stores output element o, which holds pixel px; ref: the bicubic reference value
-// at px (bicubic_sample, or the CPU's two-stage equivalent; unused in the pad ring).
-HIFLOW_HD inline void guided_velocity_element(const GuidedVelocityArgs& a, index_t o, const OutputPixel& px,
+// Where output element o reads: p its pixel in the packed current-grid tensors, l in the
+// unpacked lowpass, s in the packed state (kPrevSeparate; -1 in the state's own pad ring).
+struct ElementSources {
+  index_t p, l, s;
+};
+
+HIFLOW_HD inline ElementSources element_sources(const GuidedVelocityArgs& a, const OutputPixel& px) {
+  ElementSources at;
+  at.p = packed_offset(px.b, px.c, px.i, px.j, a.height, a.width, a.channels);
+  at.l = ((px.b * a.channels + px.c) * a.height + px.i) * a.width + px.j;
+  const index_t si = px.i + (a.state_h - a.height) / 2;
+  const index_t sj = px.j + (a.state_w - a.width) / 2;
+  const bool in_state = si >= 0 && si < a.state_h && sj >= 0 && sj < a.state_w;
+  at.s = in_state ? packed_offset(px.b, px.c, si, sj, a.state_h, a.state_w, a.channels) : -1;
+  return at;
+}
+
+// The pad ring: zero in every output, whatever the state held (what the official F.pad makes).
+HIFLOW_HD inline void guided_velocity_ring_element(const GuidedVelocityArgs& a, index_t o) {
+  store_as(a.x_next, a.x_next_dtype, o, 0.0f);
+  a.v[o] = 0.0f;
+  a.v_ref[o] = 0.0f;
+}
+
+// Computes and stores output element o, which holds a current-grid pixel (not the pad ring)
+// read at `at`; ref: its bicubic reference value (bicubic_sample, or the CPU's two-stage
+// equivalent). The indices come from the caller: the GPU decodes them per thread
+// (output_pixel, element_sources), the CPU loops count them.
+HIFLOW_HD inline void guided_velocity_element(const GuidedVelocityArgs& a, index_t o, const ElementSources& at,
                                               float ref) {
-  if (!px.inside) {  // the pad ring: zero in every output, whatever the state held
-    store_as(a.x_next, a.x_next_dtype, o, 0.0f);
-    a.v[o] = 0.0f;
-    a.v_ref[o] = 0.0f;
-    return;
-  }
-  const index_t p = packed_offset(px.b, px.c, px.i, px.j, a.height, a.width, a.channels);
-  const float x = a.sample[p];
-  const float x0_guided = a.pred_x0[p] + a.lowpass[((px.b * a.channels + px.c) * a.height + px.i) * a.width + px.j];
+  const float x = a.sample[at.p];
+  const float x0_guided = a.pred_x0[at.p] + a.lowpass[at.l];
   float v = (x - x0_guided) * a.inv_denom;
   const float v_ref = (x - ref) * a.inv_denom;
   if (a.prev_mode != kPrevNone) {
-    float v_prev = 0.0f, v_ref_prev = 0.0f;
+    float v_prev = 0.0f, v_ref_prev = 0.0f;  // (0 in the state's pad ring)
     if (a.prev_mode == kPrevInPlace) {
       v_prev = a.v[o];
       v_ref_prev = a.v_ref[o];
-    } else {
-      const index_t si = px.i + (a.state_h - a.height) / 2;
-      const index_t sj = px.j + (a.state_w - a.width) / 2;
-      if (si >= 0 && si < a.state_h && sj >= 0 && sj < a.state_w) {  // else the state's pad ring: 0
-        const index_t ps = packed_offset(px.b, px.c, si, sj, a.state_h, a.state_w, a.channels);
-        v_prev = a.v_prev[ps];
-        v_ref_prev = a.v_ref_prev[ps];
-      }
+    } else if (at.s >= 0) {
+      v_prev = a.v_prev[at.s];
+      v_ref_prev = a.v_ref_prev[at.s];
     }
     v = v + a.beta * ((v_prev - v_ref_prev) - (v - v_ref));
   }

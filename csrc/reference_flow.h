@@ -22,14 +22,13 @@ struct ReferenceFlowArgs {
   float sigma;
 };
 
-// Pixel (b, c, i, j), given its bicubic reference value `ref` (bicubic_sample, or the CPU's
-// two-stage equivalent).
-HIFLOW_HD inline void reference_flow_element(const ReferenceFlowArgs& a, index_t b, index_t c, index_t i, index_t j,
-                                             float ref) {
-  const index_t p = packed_offset(b, c, i, j, a.height, a.width, a.channels);
+// One pixel: p its offset in the packed tensors (packed_offset), d in the unpacked diff, ref its
+// bicubic reference value (bicubic_sample, or the CPU's two-stage equivalent). The indices come
+// from the caller: the GPU decodes them per thread, the CPU loops count them.
+HIFLOW_HD inline void reference_flow_element(const ReferenceFlowArgs& a, index_t p, index_t d, float ref) {
   const float x0 = a.sample[p] - a.model_output[p] * a.sigma;
   a.pred_x0[p] = x0;
-  a.diff[((b * a.channels + c) * a.height + i) * a.width + j] = ref - x0;
+  a.diff[d] = ref - x0;
 }
 
 void reference_flow_cpu(const ReferenceFlowArgs& args);

@@ -12,13 +12,14 @@ __global__ void guided_velocity_kernel(GuidedVelocityArgs a, int64_t n) {
   if (thread >= n) return;
   const index_t o = static_cast<index_t>(thread);
   const OutputPixel px = output_pixel(a, o);
-  float ref = 0.0f;  // (the pad ring needs no reference)
-  if (px.inside) {
-    const AxisTaps rows = bicubic_taps(px.i, a.scale_h, a.ref_h);
-    const AxisTaps cols = bicubic_taps(px.j, a.scale_w, a.ref_w);
-    ref = bicubic_sample(a.ref_x0, px.b, px.c, a.ref_h, a.ref_w, a.channels, rows, cols);
+  if (!px.inside) {
+    guided_velocity_ring_element(a, o);
+    return;
   }
-  guided_velocity_element(a, o, px, ref);
+  const AxisTaps rows = bicubic_taps(px.i, a.scale_h, a.ref_h);
+  const AxisTaps cols = bicubic_taps(px.j, a.scale_w, a.ref_w);
+  const float ref = bicubic_sample(a.ref_x0, px.b, px.c, a.ref_h, a.ref_w, a.channels, rows, cols);
+  guided_velocity_element(a, o, element_sources(a, px), ref);
 }
 
 void guided_velocity_cuda(const GuidedVelocityArgs& args, void* stream) {

@@ -15,7 +15,8 @@ __global__ void reference_flow_kernel(ReferenceFlowArgs a, int64_t n) {
   const index_t b = e / (a.width * a.height * a.channels);
   const AxisTaps rows = bicubic_taps(i, a.scale_h, a.ref_h);
   const AxisTaps cols = bicubic_taps(j, a.scale_w, a.ref_w);
-  reference_flow_element(a, b, c, i, j, bicubic_sample(a.ref_x0, b, c, a.ref_h, a.ref_w, a.channels, rows, cols));
+  const float ref = bicubic_sample(a.ref_x0, b, c, a.ref_h, a.ref_w, a.channels, rows, cols);
+  reference_flow_element(a, packed_offset(b, c, i, j, a.height, a.width, a.channels), e, ref);
 }
 
 void reference_flow_cuda(const ReferenceFlowArgs& args, void* stream) {
