@@ -141,6 +141,21 @@ def test_native_without_cuda_support_refuses_cuda_tensors(monkeypatch):
         resolve_backend("native", device="cuda")
 
 
+def test_every_native_source_is_installed_as_package_data():
+    """The build reads csrc/ from the install (hiflow_fast/csrc), so a wheel can build it: every
+    source of the repository's csrc/ is there (setup.py's package_data globs cover them all)."""
+    code = "import hiflow_fast, os; print(os.path.join(os.path.dirname(hiflow_fast.__file__), 'csrc'))"
+    installed = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    installed_dir = installed.stdout.strip()
+    repo_csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+    def files(root):
+        return {os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names
+                if not f.endswith(".pyc")}
+
+    assert files(repo_csrc) and files(repo_csrc) <= files(installed_dir)
+
+
 # ---- GPU: the CUDA build --------------------------------------------------------------------------
 
 
