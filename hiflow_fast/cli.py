@@ -223,7 +223,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--save-stages", action="store_true", help="also write OUTPUT_stageK.png for every stage")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--backend", help="guidance backend: ref or triton (default: $HIFLOW_BACKEND or automatic)")
+    from .backend import BACKENDS  # (torch only: no triton or diffusers import here)
+
+    p.add_argument("--backend", help=f"guidance backend: {', '.join(BACKENDS)} (default: $HIFLOW_BACKEND or auto)")
     p.add_argument("--attention", help="attention backend (default: $HIFLOW_ATTENTION or sdpa)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (+ CUDA graphs on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no summary line")

@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", required=True, help="golden case tensors (.pt, loaded with weights_only=True)")
     parser.add_argument("--params", required=True, help="golden case JSON (its `params` and `seed` are used)")
     parser.add_argument("--model", required=True, help="diffusers-format Flux folder (transformer/, vae/, scheduler/)")
-    parser.add_argument("--backend", default=None, help="guidance backend: ref, triton or native (default: automatic)")
+    from .backend import BACKENDS
+
+    parser.add_argument("--backend", default=None, help=f"guidance backend: {', '.join(BACKENDS)} (default: auto)")
     parser.add_argument("--attention", default=None, help="attention backend for the high-res stages (default: sdpa)")
     parser.add_argument("--save-latents", default=None, help="write the final (uncropped) latents to this .pt file")
     parser.add_argument("--overwrite", action="store_true", help="allow --save-latents to replace an existing file")

@@ -16,7 +16,7 @@ namespace hiflow_native {
 void guided_velocity_cpu(const GuidedVelocityArgs& args) {
   const GuidedVelocityArgs a = args;  // a local copy: stores through the outputs cannot alias it
   const ResampledRows resampled(a.ref_x0, a.batch, a.channels, a.ref_h, a.ref_w, a.width, a.scale_w);
-  const index_t out_half_w = a.out_w / 2, features = 4 * a.channels, plane = a.height * a.width;
+  const index_t out_half_w = a.out_w / 2, features = 4 * a.channels;
   const index_t state_plane_tokens = (a.state_h / 2) * (a.state_w / 2);
   // Per output column oj: the current column j, and the column terms of the packed offsets of
   // the current grid and of the state (-1: outside it).
@@ -31,6 +31,13 @@ void guided_velocity_cpu(const GuidedVelocityArgs& args) {
   const int64_t token_rows = static_cast<int64_t>(a.batch) * (a.out_h / 2);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<index_t>(1, out_half_w * features));
   at::parallel_for(0, token_rows, grain, [&](int64_t begin, int64_t end) {
+    // The lowpass rows of one token row, channels last ([2, width, C]): read from the unpacked
+    // [B, C, h, w] as 2C sequential rows, then in the packed outputs' order from this small
+    // buffer. (Read in that order straight from the unpacked tensor, its 2C rows, a plane
+    // apart, compete for the same cache sets.) The element function reads it through `local`.
+    std::vector<float> lowpass_rows(static_cast<size_t>(2) * a.width * a.channels);
+    GuidedVelocityArgs local = a;
+    local.lowpass = lowpass_rows.data();
     for (int64_t n = begin; n < end; ++n) {
       const index_t b = static_cast<index_t>(n / (a.out_h / 2));
       const index_t token_row = static_cast<index_t>(n % (a.out_h / 2));
@@ -48,6 +55,14 @@ void guided_velocity_cpu(const GuidedVelocityArgs& args) {
                                    ? (b * state_plane_tokens + (si / 2) * (a.state_w / 2)) * features + 2 * (si % 2)
                                    : -1;
       }
+      for (index_t dy = 0; dy < 2; ++dy) {
+        if (row[dy] < 0 || row[dy] >= a.height) continue;  // the pad ring reads no lowpass
+        float* out = lowpass_rows.data() + dy * a.width * a.channels;
+        for (index_t c = 0; c < a.channels; ++c) {
+          const float* in = a.lowpass + (static_cast<int64_t>(b * a.channels + c) * a.height + row[dy]) * a.width;
+          for (index_t j = 0; j < a.width; ++j) out[j * a.channels + c] = in[j];
+        }
+      }
       index_t o = static_cast<index_t>(n * out_half_w * features);
       for (index_t token_col = 0; token_col < out_half_w; ++token_col) {
         for (index_t c = 0; c < a.channels; ++c) {
@@ -61,17 +76,17 @@ void guided_velocity_cpu(const GuidedVelocityArgs& args) {
             for (index_t dx = 0; dx < 2; ++dx, ++o) {
               const index_t oj = 2 * token_col + dx, j = column[oj];
               if (!row_inside || j < 0 || j >= a.width) {
-                guided_velocity_ring_element(a, o);
+                guided_velocity_ring_element(local, o);
                 continue;
               }
               ElementSources at;
               at.p = row_offset[dy] + column_offset[oj] + 4 * c;
-              at.l = (b * a.channels + c) * plane + row[dy] * a.width + j;
+              at.l = (dy * a.width + j) * a.channels + c;  // in lowpass_rows
               at.s = state_row_offset[dy] >= 0 && state_column_offset[oj] >= 0
                          ? state_row_offset[dy] + state_column_offset[oj] + 4 * c
                          : -1;
               const index_t k = j * a.channels;  // (j, c) in the resampled rows
-              guided_velocity_element(a, o, at, bicubic_down(r, h0[k], h1[k], h2[k], h3[k]));
+              guided_velocity_element(local, o, at, bicubic_down(r, h0[k], h1[k], h2[k], h3[k]));
             }
           }
         }
