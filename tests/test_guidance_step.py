@@ -320,8 +320,9 @@ def test_bad_input_is_a_clear_error(overrides, field):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("structure_guidance", ["fft", "dwt"])
-def test_gpu_triton_matches_reference_at_4k(structure_guidance):
+def test_gpu_kernels_match_reference_at_4k(structure_guidance, backend):
     g = torch.Generator().manual_seed(0)
     hw, ref_hw, pad = (512, 512), (258, 258), (514, 514)
 
@@ -332,7 +333,7 @@ def test_gpu_triton_matches_reference_at_4k(structure_guidance):
     state = VelocityState(p(hw), p(hw), hw)
     kwargs = dict(hw=hw, ref_hw=ref_hw, next_hw=pad, structure_guidance=structure_guidance, **STEP)
     want = guidance_step(sample, model_output, ref_x0, state=clone_state(state), backend="ref", **kwargs)
-    got = guidance_step(sample, model_output, ref_x0, state=clone_state(state), backend="triton", **kwargs)
+    got = guidance_step(sample, model_output, ref_x0, state=clone_state(state), backend=backend, **kwargs)
     assert_outputs_close(got, want)
 
 

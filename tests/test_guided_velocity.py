@@ -63,13 +63,13 @@ def oracle(sample, pred_x0, lowpass, ref_x0, state, hw, ref_hw, out_hw, dtype=to
 def run_op(ops, sample, pred_x0, lowpass, ref_x0, state, ref_hw, out_hw, *, in_place=False, out_dtype=None):
     b, _, features = sample.shape
     shape = (b, (out_hw[0] // 2) * (out_hw[1] // 2), features)
-    x_next = torch.full(shape, float("nan"), dtype=out_dtype or sample.dtype)  # poisoned
+    x_next = torch.full(shape, float("nan"), dtype=out_dtype or sample.dtype, device=sample.device)  # poisoned
     if in_place:
         assert tuple(state.hw) == tuple(out_hw)
         v, v_ref = state.v.clone(), state.v_ref.clone()
         mode, v_prev, v_ref_prev, state_hw = 2, None, None, out_hw
     else:
-        v, v_ref = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+        v, v_ref = (torch.full(shape, float("nan"), device=sample.device) for _ in range(2))
         if state is None:
             mode, v_prev, v_ref_prev, state_hw = 0, None, None, out_hw
         else:
