@@ -151,7 +151,7 @@ def check_model_dir(root: str | os.PathLike, field: str = "model_dir") -> dict:
             try:
                 check_safetensors_file(os.path.join(folder, name), f"{sub}/{name}")
             except HiFlowInputError as exc:
-                raise HiFlowModelError(f"model weights {os.path.join(folder, name)!r}: {exc.allowed}") from None
+                raise HiFlowModelError(f"could not load the model weights {os.path.join(folder, name)!r}: {exc.allowed}") from None
     transformer = configs["transformer"]
     for key in ("joint_attention_dim", "pooled_projection_dim", "num_attention_heads", "attention_head_dim"):
         if not isinstance(transformer.get(key), int):
