@@ -137,7 +137,8 @@ def cli_error(exc: HiFlowInputError, typed: set[str] = frozenset(), preset: str 
     if preset and flag not in typed and flag not in ("--device", "--output", "--model", "--prompt", "--prompt-embeds", "--seed"):
         where = f"{where}, " if where else ""
         where += f"the default of --preset {preset}"
-    return exc.renamed(flag, where=where)
+    allowed = exc.allowed.replace("num_inference_steps=", "--steps=")
+    return exc.renamed(flag, where=where, allowed=allowed)
 
 
 def _parse_size(flag: str, text: str) -> tuple[int, int]:
@@ -222,7 +223,15 @@ def build_config(args, typed: set[str] = frozenset()):
             official_compat=args.official_compat,
         )
     except HiFlowInputError as exc:
-        raise cli_error(exc, typed, preset_name) from None
+        error = cli_error(exc, typed, preset_name)
+        # Sizes are shown as typed, HEIGHTxWIDTH, not one side.
+        match = _STAGE_FIELD.match(exc.field)
+        if error.field == "--size" and "height" in locals():
+            error = error.renamed("--size", value=f"{height}x{width}")
+        elif error.field == "--target-sizes" and match and "targets" in locals():
+            h, w = targets[int(match.group(1))]
+            error = error.renamed("--target-sizes", value=f"{h}x{w}")
+        raise error from None
     params = {
         "size": f"{config.height}x{config.width}",
         "height": config.height,

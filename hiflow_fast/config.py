@@ -112,14 +112,14 @@ def _check_finite(
 
 
 def _range_text(minimum: float | None, maximum: float | None, positive: bool) -> str:
-    low = "> 0" if positive else (f">= {minimum:g}" if minimum is not None else None)
+    low = "> 0" if positive else (f">= {minimum:.6g}" if minimum is not None else None)
     if maximum is None:
         return f" {low}" if low else ""
     if positive:
-        return f" > 0 and <= {maximum:g}"
+        return f" > 0 and <= {maximum:.6g}"
     if minimum is not None:
-        return f" from {minimum:g} to {maximum:.4g}"
-    return f" <= {maximum:g}"
+        return f" from {minimum:.6g} to {maximum:.6g}"
+    return f" <= {maximum:.6g}"
 
 
 def _check_steps(name: str, value: Any, where: str | None = None) -> int:

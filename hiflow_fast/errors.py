@@ -30,12 +30,14 @@ class HiFlowInputError(ValueError):
         place = f" ({where})" if where else ""
         super().__init__(f"{field}={shown}{place} is not allowed: {allowed}")
 
-    def renamed(self, field: str, *, value: Any = ..., where: str | None = ...) -> "HiFlowInputError":
+    def renamed(
+        self, field: str, *, value: Any = ..., where: str | None = ..., allowed: str | None = None
+    ) -> "HiFlowInputError":
         """The same error under another name (the command line's flag for an API field)."""
         return HiFlowInputError(
             field,
             self.value if value is ... else value,
-            self.allowed,
+            self.allowed if allowed is None else allowed,
             where=self.where if where is ... else where,
         )
 
