@@ -83,9 +83,14 @@ def check_safetensors_file(path: str, field: str) -> dict:
             if len(head) < 8:
                 raise HiFlowInputError(field, path, f"{allowed} (it has {size} bytes)")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, 100_000_000):
+            # safetensors caps its JSON header at 100 MB; a longer one is another format (a pickle?).
+            if header_len > 100_000_000:
                 raise HiFlowInputError(field, path, f"{allowed} (not safetensors: a pickle or another format?)")
+            if header_len > size - 8:
+                raise HiFlowInputError(field, path, f"{allowed} (truncated: {size} bytes, its header alone needs {8 + header_len})")
             header = json.loads(f.read(header_len))
+    except HiFlowInputError:
+        raise
     except OSError as exc:
         raise HiFlowInputError(field, path, f"{allowed} ({exc.strerror or exc})") from None
     except (ValueError, UnicodeDecodeError):
