@@ -268,3 +268,28 @@ def test_numpy_integers_and_a_generator_alone_are_accepted(tiny_pipe, tiny_promp
     again = _call(tiny_pipe, tiny_prompt, config=config, seed=None, generator=torch.Generator().manual_seed(5))
     assert out.seed == again.seed == 5
     torch.testing.assert_close(out.latents, again.latents, rtol=0, atol=0)
+
+
+# ---- failures that can only show up mid-run name their stage ---------------------------------
+
+
+def test_out_of_memory_names_the_stage(tiny_pipe, tiny_prompt, monkeypatch):
+    from hiflow_fast import StageOutOfMemoryError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr(tiny_pipe, "_run_highres_stage", out_of_memory)
+    with pytest.raises(StageOutOfMemoryError, match=r"high-res stage 1 of 1 \(192x192\).*Tried to allocate 20.00 GiB"):
+        _call(tiny_pipe, tiny_prompt)
+
+
+def test_cpu_allocation_failure_in_the_base_stage_is_out_of_memory(tiny_pipe, tiny_prompt, monkeypatch):
+    from hiflow_fast import StageOutOfMemoryError
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
+
+    monkeypatch.setattr(tiny_pipe, "_run_base_stage", out_of_memory)
+    with pytest.raises(StageOutOfMemoryError, match=r"the base stage \(128x128\) on cpu"):
+        _call(tiny_pipe, tiny_prompt)
