@@ -130,7 +130,8 @@ def check_model_dir(root: str | os.PathLike, field: str = "model_dir") -> dict:
         raise HiFlowInputError(field, root, "a path to a diffusers-format Flux folder")
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise HiFlowModelError(f"model folder {root!r} does not exist")
+        what = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise HiFlowModelError(f"model folder {root!r} {what}")
     configs = {}
     for sub, config_name in (("transformer", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
         folder = os.path.join(root, sub)

@@ -374,7 +374,14 @@ def _generate(args, typed: set[str]) -> int:
     # 3. Every output path, before the weights are loaded.
     batch = 1 if embeds is None else int(embeds.shape[0])
     images, stage_images = output_paths(output, batch, len(config.stages), args.save_stages)
-    check_output_paths([*images, *(p for paths in stage_images for p in paths)], overwrite=args.overwrite, field="--output")
+    sizes = [(config.height, config.width)] + [(s.height, s.width) for s in config.stages]
+    final = sizes[-1]
+    paths = [*images, *(p for each in stage_images for p in each)]
+    # Upper bound of a PNG: the raw RGB bytes, one filter byte per row, zlib's worst-case
+    # overhead (5 bytes per 16 KiB block) and the metadata (a few KiB).
+    png_bytes = lambda h, w: 3 * h * w + h + (3 * h * w) // 16384 * 5 + 65536  # noqa: E731
+    bytes_each = [png_bytes(*final)] * len(images) + [png_bytes(*sizes[k]) for each in stage_images for k in range(len(each))]
+    check_output_paths(paths, overwrite=args.overwrite, field="--output", bytes_each=bytes_each)
 
     # 4. The run; its files are moved into place only when all of them are written.
     from .pipeline import HiFlowPipeline
@@ -414,12 +421,20 @@ def _generate(args, typed: set[str]) -> int:
                 "official_compat": config.official_compat,
                 **params,
             }
-            for i, path in enumerate(images):
-                extra = {"batch_index": i, "batch_size": batch} if batch > 1 else {}
-                for k, stage_path in enumerate(stage_images[i]):
-                    outputs.write(stage_path, _png_writer(out.stage_images[k][i], {**metadata, **extra, "stage": k}))
-                outputs.write(path, _png_writer(out.images[i], {**metadata, **extra}))
-            written = outputs.commit()
+            path = output
+            try:
+                for i, path in enumerate(images):
+                    extra = {"batch_index": i, "batch_size": batch} if batch > 1 else {}
+                    for k, path in enumerate(stage_images[i]):
+                        outputs.write(path, _png_writer(out.stage_images[k][i], {**metadata, **extra, "stage": k}))
+                    path = images[i]
+                    outputs.write(path, _png_writer(out.images[i], {**metadata, **extra}))
+                written = outputs.commit()
+            except OSError as exc:
+                # A location that turned unwritable or full during the run: nothing is left.
+                raise HiFlowInputError(
+                    "--output", path, f"a location that can be written ({exc.strerror or exc}); no file was written"
+                ) from None
     except HiFlowInputError as exc:
         raise named(exc) from None
     if not args.quiet:

@@ -71,8 +71,11 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, field
     return path
 
 
-def check_output_paths(paths, *, overwrite: bool = False, field: str = "output") -> list[str]:
-    """`check_output_path` for each, and no path twice."""
+def check_output_paths(
+    paths, *, overwrite: bool = False, field: str = "output", bytes_each: list[int] | None = None
+) -> list[str]:
+    """`check_output_path` for each, no path twice, and, when `bytes_each` gives an upper bound
+    of each file's size, enough free space in each folder for all of them."""
     checked = [check_output_path(p, overwrite=overwrite, field=field) for p in paths]
     seen: set[str] = set()
     for path in checked:
@@ -80,6 +83,19 @@ def check_output_paths(paths, *, overwrite: bool = False, field: str = "output")
         if key in seen:
             raise HiFlowInputError(field, path, "a different path for each output file")
         seen.add(key)
+    if bytes_each is not None:
+        needed: dict[str, int] = {}
+        for path, size in zip(checked, bytes_each):
+            folder = os.path.dirname(os.path.abspath(path))
+            needed[folder] = needed.get(folder, 0) + size
+        for folder, size in needed.items():
+            stats = os.statvfs(folder)
+            free = stats.f_bavail * stats.f_frsize
+            if free < size:
+                path = next(p for p in checked if os.path.dirname(os.path.abspath(p)) == folder)
+                raise HiFlowInputError(
+                    field, path, f"a folder with room for the run's files (up to {size} bytes; {folder} has {free} free)"
+                )
     return checked
 
 

@@ -358,8 +358,8 @@ class HiFlowPipeline:
                 text encoders).
             config: the stage plan and every HiFlow setting (default: the official 1K->2K->4K).
             seed: seeds a private CPU generator for all noise and the "seeded" sharpening
-                sigmas; same seed and settings, same output. `generator` may be given instead
-                (its initial seed then seeds the sharpening draws).
+                sigmas; same seed and settings, same output. `generator` may be given instead,
+                not together (its initial seed then seeds the sharpening draws and is reported).
             latents: the base noise, unpacked [B, C, h, w] (drawn from the generator if None).
             stage_noises: the re-noising noise of each high-res stage, packed [B, N, 4C].
             output_type: "pil", "np", "pt" or "latent" (no decode; `images` is None).
@@ -371,6 +371,10 @@ class HiFlowPipeline:
                 graph per stage and swin shape. Same latents as eager, after a warm-up.
             callback: called with a StageStart or StepEnd after each stage entry and step.
             progress: show one progress bar per stage.
+
+        Every argument is checked before the first step (HiFlowInputError naming it; see
+        README "Errors"). NaN/Inf in the latents raises NonFiniteLatentsError naming the stage
+        and step; running out of memory, StageOutOfMemoryError naming the stage.
         """
         config = self._check_call_arguments(
             prompt, config, prompt_embeds, pooled_prompt_embeds, seed, generator, num_images_per_prompt, latents,

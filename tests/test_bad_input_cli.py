@@ -147,6 +147,18 @@ def test_directory_as_output(tmp_path, capsys, no_model_load, overwrite):
     assert "directory" in line
 
 
+def test_output_folder_without_room(tmp_path, capsys, no_model_load, monkeypatch):
+    real = os.statvfs
+
+    class Full:
+        def __init__(self, stats):
+            self.f_frsize, self.f_bavail = stats.f_frsize, 1
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Full(real(path)))
+    line = run_bad(tmp_path, capsys, [], "--output")
+    assert "room" in line
+
+
 def test_output_not_png(tmp_path, capsys, no_model_load):
     run_bad(tmp_path, capsys, ["--output", str(tmp_path / "x.jpg")], "--output")
 
