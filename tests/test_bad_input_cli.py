@@ -338,6 +338,10 @@ def test_console_script_one_line_no_traceback(tmp_path, args, flag):
     assert os.listdir(tmp_path) == []
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = _console(["generate", "--steps", "0", "--debug"], tmp_path)
-    assert result.returncode != 0 and "Traceback" in result.stderr and "--steps" in result.stderr
+def test_debug_raises_the_error_for_its_traceback(tmp_path, no_model_load):
+    from hiflow_fast import HiFlowInputError
+
+    with pytest.raises(HiFlowInputError) as info:
+        main(["generate", "--steps", "0", "--debug", "--output", str(tmp_path / "x.png")])
+    assert info.value.field == "--steps"
+    assert os.listdir(tmp_path) == []
