@@ -24,23 +24,6 @@ SHARED_GOLDEN = os.path.join(REPO_DIR, "..", "shared", "golden")
 REDUCED_GOLDEN = os.path.join(TESTS_DIR, "data")
 
 
-def pytest_configure(config):
-    # `python -m pytest` from the repository root imports the source folder hiflow_fast/, in
-    # which hiflow_fast.kernels and hiflow_fast.bench (mapped from kernels/ and bench/ by
-    # setup.py) do not exist. Test the installed package instead.
-    if os.path.dirname(os.path.realpath(hiflow_fast.__file__)) == os.path.join(os.path.realpath(REPO_DIR), "hiflow_fast") and not _kernels_mapped():
-        pytest.exit("run the tests with `pytest` (not `python -m pytest`) after `pip install -e . --config-settings editable_mode=strict`", returncode=4)
-
-
-def _kernels_mapped() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("hiflow_fast.kernels") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
