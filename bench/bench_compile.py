@@ -77,12 +77,14 @@ def flash_attention_cases(dtypes, head_dims) -> Iterator[tuple[dict[str, Any], A
                 yield fields, run
 
 
-def qk_norm_rope_cases(dtypes) -> Iterator[tuple[dict[str, Any], Any]]:
+def qk_norm_rope_cases(dtypes, *, flux_only: bool = False) -> Iterator[tuple[dict[str, Any], Any]]:
+    """qk_norm_rope as the Flux blocks call it (norm + RoPE; `flux_only`: head dim 128 only),
+    else also norm only and head dim 64."""
     from hiflow_fast.kernels.qk_norm_rope import launch_qk_norm_rope
 
     for dtype_name in dtypes:
-        for head_dim in (64, FLUX_HEAD_DIM):
-            for rope in (False, True):
+        for head_dim in (FLUX_HEAD_DIM,) if flux_only else (64, FLUX_HEAD_DIM):
+            for rope in (True,) if flux_only else (False, True):
                 def run(launcher, head_dim=head_dim, rope=rope, dtype=DTYPES[dtype_name]):
                     q, k, q_out, k_out = (torch.empty(1, FLUX_TOKENS, FLUX_HEADS, head_dim, dtype=dtype, device="meta")
                                           for _ in range(4))
@@ -138,10 +140,11 @@ def guidance_cases() -> Iterator[tuple[dict[str, Any], Any]]:
         yield dict(dtype="fp32", head_dim=None, rope=None, default_path=False, case=label), run
 
 
-def compile_rows(targets, dtypes, head_dims, *, guidance: bool, all_configs: bool = True) -> Iterator[dict[str, Any]]:
+def compile_rows(targets, dtypes, head_dims, *, guidance: bool, all_configs: bool = True,
+                 reduced: bool = False) -> Iterator[dict[str, Any]]:
     """One row per compiled kernel variant, target by target."""
     for target in targets:
-        cases = list(flash_attention_cases(dtypes, head_dims)) + list(qk_norm_rope_cases(dtypes))
+        cases = list(flash_attention_cases(dtypes, head_dims)) + list(qk_norm_rope_cases(dtypes, flux_only=reduced))
         if guidance:
             cases += list(guidance_cases())
         for fields, run in cases:
@@ -185,7 +188,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma list of bf16, fp16 (attention, qk_norm_rope)")
     parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)), help="comma list of attention head dims (16..256)")
     parser.add_argument("--reduced", action="store_true",
-                        help="the CI subset: bf16, head dims 128 and 256, no guidance kernels, selectable configs only")
+                        help="the CI subset: bf16, head dims 128 and 256, qk_norm_rope as Flux runs it, no guidance "
+                             "kernels, selectable configs only")
     parser.add_argument("--no-guidance", action="store_true", help="leave out the guidance kernels")
     parser.add_argument("--selectable-only", action="store_true", help="compile only the configs the autotuner may pick")
     # --device and --cpu-allocator are accepted (bench all passes them) and change nothing: the
@@ -236,7 +240,7 @@ def _main(argv: list[str] | None) -> int:
     environment.pop("nvml", None)
     start = time.perf_counter()
     for r in compile_rows(args.targets, args.dtypes, args.head_dims, guidance=not args.no_guidance,
-                          all_configs=not args.selectable_only):
+                          all_configs=not args.selectable_only, reduced=args.reduced):
         r.update(environment)
         outputs.add([r])
         flag = "" if r["launchable"] else "  CANNOT LAUNCH"
