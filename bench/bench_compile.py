@@ -234,8 +234,8 @@ def _use_compiled_triton() -> None:
 
 def _main(argv: list[str] | None) -> int:
     args = _parse(argv)
-    _use_compiled_triton()
     outputs = Outputs(args.json, args.markdown, overwrite=args.overwrite)
+    _use_compiled_triton()
     environment = run_environment("cpu")
     environment.pop("nvml", None)
     start = time.perf_counter()
