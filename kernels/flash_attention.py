@@ -295,11 +295,14 @@ def launchable_configs(block_d: int, itemsize: int, cc: int, shared_limit: int) 
         return shared_bytes_needed(bm, bn, block_d, itemsize, stages, cc) <= shared_limit
 
     # Register budget: the fp32 accumulator is BLOCK_M x BLOCK_D and the K/V tiles
-    # BLOCK_N x BLOCK_D; tiles above 128 x 128 elements spill everywhere.
+    # BLOCK_N x BLOCK_D. Tiles above 128 x 128 elements spill on sm_80/86/89; on sm_90 (wgmma,
+    # operands from shared memory) a 128 x 256 accumulator still does not (head dim 256, 128 x 64
+    # tiles: 255 registers, no spills), a 128 x 256 K/V tile does (408 bytes).
+    max_acc = 128 * 256 if cc >= 90 else 128 * 128
     kept = [
         c
         for c in CANDIDATE_CONFIGS
-        if c != SMALL_CONFIG and fits(c) and c[0] * block_d <= 128 * 128 and c[1] * block_d <= 128 * 128
+        if c != SMALL_CONFIG and fits(c) and c[0] * block_d <= max_acc and c[1] * block_d <= 128 * 128
     ]
     if cc < 90 and block_d >= 128:
         # Warps must split rows (see above), and 128 x 128 tiles spill there: 128 x 64, 8 warps.

@@ -193,3 +193,48 @@ def test_every_selectable_config_at_flux_shapes_within_twice_torch_bf16_error(he
                                num_warps=warps, num_stages=stages)
         err = rel_l2(out, oracle)
         assert err <= budget, f"config {block_m}x{block_n} w{warps} s{stages}: {err:.3g} > {budget:.3g}"
+
+
+@pytest.mark.parametrize("cc,limit", [(80, 166_912), (86, 101_376), (89, 101_376), (90, 232_448)])
+def test_configs_fit_every_target_and_the_flux_path_keeps_wide_tiles(cc, limit):
+    """Pruning (before compiling): every config kept fits the target's shared memory by the
+    bound that tests/test_compile_matrix.py checks against the compiler; fp16/bf16 at every
+    head dim has one; on sm_80/86/89 bf16 at head dim 128 gets 128-row tiles only (the 64-row
+    ones spill there)."""
+    from hiflow_fast.kernels.flash_attention import launchable_configs, shared_bytes_needed
+
+    for block_d in (16, 32, 64, 128, 256):
+        for itemsize in (2, 4):
+            kept = launchable_configs(block_d, itemsize, cc, limit)
+            assert all(shared_bytes_needed(bm, bn, block_d, itemsize, s, cc) <= limit for bm, bn, _, s in kept)
+            if itemsize == 2:
+                assert kept, (block_d, itemsize)
+    if cc < 90:
+        assert {c[0] for c in launchable_configs(128, 2, cc, limit)} == {128}
+
+
+def test_no_config_that_fits_is_refused_before_any_work(monkeypatch):
+    """fp32 at head dim 256 fits no tile in 99 KiB (sm_86/89): ValueError from the kernel
+    module, which the op turns into a HiFlowInputError naming head_dim/dtype."""
+    from hiflow_fast.kernels import flash_attention as kernel_module
+
+    monkeypatch.setattr(kernel_module, "_current_target", lambda: (86, 101_376))
+    with pytest.raises(ValueError, match="shared memory"):
+        kernel_module.check_launchable(256, 4)
+    kernel_module.check_launchable(256, 2)
+    kernel_module.check_launchable(128, 4)
+
+
+def test_op_names_head_dim_and_dtype_when_no_config_fits(monkeypatch):
+    from hiflow_fast.ops import flash_attention as op_module
+
+    def no_fit(head_dim, itemsize):
+        raise ValueError("needs 135168 bytes of shared memory per block, the GPU (sm_86) has 101376")
+
+    monkeypatch.setattr(op_module, "INTERPRET", False)
+    monkeypatch.setattr(op_module, "check_head_tensor", lambda *args, **kwargs: None)
+    monkeypatch.setattr(op_module, "check_launchable", no_fit)
+    q = torch.zeros(1, 4, 2, 256)
+    with pytest.raises(HiFlowInputError) as info:
+        flash_attention(q, q, q)
+    assert info.value.field == "head_dim/dtype" and "sm_86" in str(info.value)
