@@ -229,14 +229,15 @@ def flash_attention_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The candidates for every target; `launchable_configs`
 # keeps, for the current target, those whose shared memory fits and whose layout does not spill.
 # Measured with `hiflow-fast bench compile` (bf16, head dim 128; shared KiB / registers / spill
-# bytes per thread; see kernels/README.md for the whole table):
-#   128x64 w8 s3   sm_80/86/89: 96/255/0   sm_90: 128/174/0
-#   64x64 w4 s3    sm_80/86/89: 88/255/168 sm_90: 112/164/0
+# bytes per thread; kernels/README.md has the whole table):
+#   128x64 w8 s3   sm_80/86/89: 96/255/0       sm_90: 128/174/0
+#   128x128 w8 s2  sm_80/86/89: 96/255/32      sm_90: 160/250/0
+#   64x64 w4 s3    sm_80/86/89: 88/255/128-164 sm_90: 112/164/0
 # On sm_80/86/89 (mma.sync) a 64-row tile with 4 warps at head dim >= 128 is laid out with the
 # warps along the head dimension (warpsPerCTA [1, 4]): every warp holds all 64 rows of the
-# accumulator, so it spills and the row max/sum become cross-warp reductions. There the
-# 64-row configs are kept only where nothing else fits (head dim 256). On sm_90 (wgmma) the
-# 64-row tiles are clean.
+# accumulator, so it spills and the row max/sum become cross-warp reductions; 128 x 128 tiles
+# spill too. There only 128 x 64 tiles with 8 warps (warps split the rows) are kept, and 64-row
+# tiles only where nothing else fits (head dim 256). On sm_90 (wgmma) every candidate is clean.
 CANDIDATE_CONFIGS = (
     (128, 64, 8, 3),
     (128, 64, 8, 2),
@@ -247,8 +248,8 @@ CANDIDATE_CONFIGS = (
     (64, 32, 4, 2),
     (32, 32, 4, 2),
 )
-# The smallest tile: for head dim 256 (the only config with no spills there on sm_80/86/89) and
-# for whatever nothing else fits (fp32 at head dim 256 on a 99 KiB card).
+# The smallest tile: at head dim 256 (the only config with no spills there on sm_80/86/89) and
+# wherever no larger candidate fits. (fp32 at head dim 256 fits nothing in 99 KiB: refused.)
 SMALL_CONFIG = (32, 32, 4, 2)
 # Per-block shared memory (opt-in maximum, bytes) by compute capability, for targets that cannot
 # be asked (an offline compile); a real device reports its own. Unknown: the smallest (sm_86/89).
