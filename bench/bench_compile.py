@@ -15,7 +15,8 @@ the guidance kernels at the 4K latent (16 x 512 x 512, fp32). A row per compiled
     registers, spill_bytes, selectable
 
 (`launchable`: the kernel compiled and its shared memory fits the target's per-block limit;
-`spill_bytes`: local memory per thread from the cubin.) Exit status 1 when a selectable config
+`spill_bytes`: ptxas's spill stores per thread; `stack_bytes`, also recorded, includes the small
+local array of libdevice's accurate sin/cos.) Exit status 1 when a selectable config
 cannot launch, or when the default Flux path spills (`default_path` rows: bf16, head dim 128,
 RoPE done by qk_norm_rope, i.e. attention without RoPE on load), the two checks CI makes.
 
@@ -165,6 +166,7 @@ def row(compiled: Compiled, target: int, fields: dict[str, Any], seconds: float)
         head_dim=fields["head_dim"], rope=fields["rope"], config=compiled.config,
         shared_bytes=compiled.shared_bytes, shared_limit=limit, launchable=launchable,
         registers=compiled.registers, spill_bytes=compiled.spill_bytes, selectable=compiled.selectable,
+        stack_bytes=compiled.stack_bytes,
         num_warps=compiled.num_warps, default_path=fields["default_path"], case=fields.get("case"),
         error=compiled.error, compile_s=seconds,
     )
