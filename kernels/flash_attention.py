@@ -324,7 +324,7 @@ def _prune_configs(configs, named_args, **kwargs):
     the current device (the wrapper has refused inputs with none)."""
     cc, limit = _current_target()
     itemsize = named_args["q_ptr"].element_size()
-    keep = {_as_config(c).__str__() for c in launchable_configs(kwargs["BLOCK_D"], itemsize, cc, limit)}
+    keep = {str(_as_config(c)) for c in launchable_configs(kwargs["BLOCK_D"], itemsize, cc, limit)}
     return [c for c in configs if str(c) in keep]
 
 
