@@ -165,6 +165,7 @@ def _selectable_configs(head_dim, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.attention_configs
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("rope", [False, True], ids=["no_rope", "rope"])
 def test_every_selectable_config_at_flux_shapes_within_twice_torch_bf16_error(head_dim, rope):
