@@ -101,6 +101,12 @@ SUITE: dict[str, SuiteEntry] = {
 }
 
 
+# Installed benchmarks that `bench all` runs only when named in --only: the offline compile
+# matrix measures no device (it compiles for four GPUs with ptxas, minutes to an hour on a CPU);
+# attention_tuning measures first-call compile + autotune on a GPU only (a bench/gpu_check step).
+OPT_IN = frozenset({"compile", "attention_tuning"})
+
+
 def suite_args(name: str, device: str, *, quick: bool = False, smoke: bool = False) -> list[str]:
     """The arguments `bench all` gives benchmark `name` on `device` (no --device/--json/...)."""
     entry = SUITE.get(name, SuiteEntry(name))
@@ -153,7 +159,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _select(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(benchmarks installed here, the ones this run asks for)."""
     installed = available_benchmarks()
-    names = installed if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    names = [n for n in installed if n not in OPT_IN] if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     skip = {n.strip() for n in args.skip.split(",") if n.strip()}
     for name in list(names) + sorted(skip):
         if name not in installed and name not in SUITE:

@@ -16,13 +16,22 @@ softmax (Dao et al., FlashAttention-2; Triton tutorial 06):
 The full K blocks run unmasked; the one partial block at the end (S not a multiple of BLOCK_N)
 runs masked (-inf scores).
 
-Optional RoPE on load (HAS_ROPE): q and k tiles are rotated as they are loaded,
-x*cos + rot(x)*sin with rot(x)[2i] = -x[2i+1], rot(x)[2i+1] = x[2i] (Flux's interleaved pairs),
-angles = ids[s, axis(pair)] * theta^(-2j/dim) computed in fp32 with a two-constant reduction
-to [-pi, pi] before cos/sin. Angle error ~ position x 1 ulp (about 3e-5 rad at 4K
-positions): well below bf16 rounding, not fp32-exact -- for fp32 fidelity use
-hiflow_fast::qk_norm_rope (float64 angles) and no RoPE here. K tiles are re-rotated for
-every query block, so this trades a pass over q and k for extra ALU work per tile.
+RoPE (`ids` given to the launcher): q and k are rotated once, before this kernel, by
+qk_norm_rope's rotation-only mode (kernels/qk_norm_rope.py: float64 angles, one pass over q and
+k, cos/sin once per token block for all heads) into two new buffers. Rotating tiles as they were
+loaded, as this kernel used to, re-rotated every K tile once per query block (~500 times at 66k
+tokens), doubled the K staging in shared memory and spilled 480-3600 bytes per thread on every
+target; head dim 256 could not launch at all on sm_86/89 (see kernels/README.md, "Offline
+compile matrix"). The pre-pass costs one read and write of q and k (O(S)) against the
+attention's O(S^2), and two q-sized buffers.
+
+Configs (GPU): autotuned among CANDIDATE_CONFIGS, pruned per target before compiling: shared
+memory (`shared_bytes_needed`, an upper bound checked by the compile matrix in CI) against the
+device's per-block limit, and on sm_80/86/89 no 64-row tiles at head dims >= 128 where a wider
+tile fits (they spill there). None of the configs that can be selected for bf16 at head dim 128
+spills on sm_80/86/89/90 (`hiflow-fast bench compile`; tests/test_compile_matrix.py checks it).
+The autotuner's key holds the head dim, the dtype and the sequence length rounded up to a power
+of two; its timings are cached on disk across processes.
 
 Precision: scores and the softmax in fp32; on a GPU P is rounded to V's dtype for the P @ V
 tensor-core product (as FlashAttention does); fp32 inputs use IEEE fp32 dots (no TF32).
@@ -32,66 +41,20 @@ interpreter's bf16 arithmetic is wrong.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import triton
 import triton.language as tl
 
+from hiflow_fast.kernels.qk_norm_rope import fp32_split, launch_qk_norm_rope
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
-# 2*pi split in two fp32 parts (Cody-Waite reduction): TWO_PI_HI = 6.28125 has 8 significant
-# bits, so turns * TWO_PI_HI is exact in fp32 for |turns| < 2^16 (|angle| < 4e5 rad), and
-# TWO_PI_LO = 2*pi - TWO_PI_HI carries the rest.
-# (Module globals read inside @triton.jit functions must be tl.constexpr.)
-TWO_PI_HI = tl.constexpr(6.28125)
-TWO_PI_LO = tl.constexpr(0.0019353071795864769)
-INV_TWO_PI = tl.constexpr(0.15915494309189535)
-
 # CPU interpreter: ~0.5 ms per operation whatever the tile size, so tiles are as large as
 # Triton allows (BLOCK_M x BLOCK_N <= 2^20 elements) and numpy does the work: 1024 x 1024.
 INTERPRET_BLOCK = 1024
-
-
-@triton.jit
-def _rope_tile(
-    x,
-    x_pair,
-    ids_ptr,
-    stride_ids_s,
-    stride_ids_a,
-    offs_s,
-    mask_s,
-    offs_d,
-    log2_theta,
-    AXIS0_PAIRS: tl.constexpr,
-    AXIS1_PAIRS: tl.constexpr,
-    AXIS2_PAIRS: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-):
-    """Rotate a tile x [rows, D] (or [D, rows] when TRANSPOSED) whose partner lanes
-    (d xor 1) are x_pair, by the RoPE angles of tokens offs_s. fp32 result."""
-    pair = offs_d // 2
-    axis = (pair >= AXIS0_PAIRS).to(tl.int32) + (pair >= AXIS0_PAIRS + AXIS1_PAIRS).to(tl.int32)
-    first = tl.where(axis == 0, 0, tl.where(axis == 1, AXIS0_PAIRS, AXIS0_PAIRS + AXIS1_PAIRS))
-    dim = tl.where(axis == 0, 2 * AXIS0_PAIRS, tl.where(axis == 1, 2 * AXIS1_PAIRS, 2 * AXIS2_PAIRS))
-    exponent = (2 * (pair - first)).to(tl.float32) / tl.maximum(dim, 1).to(tl.float32)
-    inv_freq = tl.exp2(-exponent * log2_theta)
-    sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-    if TRANSPOSED:
-        pos = tl.load(
-            ids_ptr + offs_s[None, :] * stride_ids_s + axis[:, None] * stride_ids_a, mask=mask_s[None, :], other=0.0
-        ).to(tl.float32)
-        angle = pos * inv_freq[:, None]
-        rot = x_pair.to(tl.float32) * sign[:, None]
-    else:
-        pos = tl.load(
-            ids_ptr + offs_s[:, None] * stride_ids_s + axis[None, :] * stride_ids_a, mask=mask_s[:, None], other=0.0
-        ).to(tl.float32)
-        angle = pos * inv_freq[None, :]
-        rot = x_pair.to(tl.float32) * sign[None, :]
-    turns = tl.floor(angle * INV_TWO_PI + 0.5)
-    reduced = (angle - turns * TWO_PI_HI) - turns * TWO_PI_LO
-    return x.to(tl.float32) * tl.cos(reduced) + rot * tl.sin(reduced)
 
 
 @triton.jit
@@ -110,17 +73,9 @@ def _attend_block(
     offs_d,
     mask_d,
     qk_scale,
-    ids_ptr,
-    stride_ids_s,
-    stride_ids_a,
-    log2_theta,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr,
-    AXIS0_PAIRS: tl.constexpr,
-    AXIS1_PAIRS: tl.constexpr,
-    AXIS2_PAIRS: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -143,28 +98,7 @@ def _attend_block(
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=k_mask, other=0.0)
-    if HAS_ROPE:
-        k_pair = tl.load(k_base + cols[None, :] * stride_ks + (offs_d ^ 1)[:, None], mask=k_mask, other=0.0)
-        k_rot = _rope_tile(
-            k,
-            k_pair,
-            ids_ptr,
-            stride_ids_s,
-            stride_ids_a,
-            cols,
-            mask_n,
-            offs_d,
-            log2_theta,
-            AXIS0_PAIRS,
-            AXIS1_PAIRS,
-            AXIS2_PAIRS,
-            True,
-        )
-        if UPCAST:
-            k = k_rot
-        else:
-            k = k_rot.to(k.dtype)
-    elif UPCAST:
+    if UPCAST:
         k = k.to(tl.float32)
     scores = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
     if MASK_N:
@@ -184,13 +118,13 @@ def _attend_block(
     return acc, l_i, m_new
 
 
-@triton.jit
+# seq_bucket only feeds the autotuner's key: never specialised on, so it costs no recompiles.
+@triton.jit(do_not_specialize=["seq_bucket"])
 def flash_attention_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
     out_ptr,
-    ids_ptr,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -203,21 +137,15 @@ def flash_attention_kernel(
     stride_ob,
     stride_os,
     stride_oh,
-    stride_ids_s,
-    stride_ids_a,
     num_heads,
     seq_q,
     seq_k,
+    seq_bucket,
     qk_scale,
-    log2_theta,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr,
-    AXIS0_PAIRS: tl.constexpr,
-    AXIS1_PAIRS: tl.constexpr,
-    AXIS2_PAIRS: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -238,28 +166,7 @@ def flash_attention_kernel(
     q_ptrs = q_base + rows[:, None] * stride_qs + offs_d[None, :]
     q_mask = mask_m[:, None] & mask_d[None, :]
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    if HAS_ROPE:
-        q_pair = tl.load(q_base + rows[:, None] * stride_qs + (offs_d ^ 1)[None, :], mask=q_mask, other=0.0)
-        q_rot = _rope_tile(
-            q,
-            q_pair,
-            ids_ptr,
-            stride_ids_s,
-            stride_ids_a,
-            offs_m,
-            mask_m,
-            offs_d,
-            log2_theta,
-            AXIS0_PAIRS,
-            AXIS1_PAIRS,
-            AXIS2_PAIRS,
-            False,
-        )
-        if UPCAST:
-            q = q_rot
-        else:
-            q = q_rot.to(q.dtype)
-    elif UPCAST:
+    if UPCAST:
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -284,17 +191,9 @@ def flash_attention_kernel(
             offs_d,
             mask_d,
             qk_scale,
-            ids_ptr,
-            stride_ids_s,
-            stride_ids_a,
-            log2_theta,
             HEAD_DIM,
             BLOCK_D,
             False,
-            HAS_ROPE,
-            AXIS0_PAIRS,
-            AXIS1_PAIRS,
-            AXIS2_PAIRS,
             UPCAST,
             INPUT_PRECISION,
         )
@@ -314,17 +213,9 @@ def flash_attention_kernel(
             offs_d,
             mask_d,
             qk_scale,
-            ids_ptr,
-            stride_ids_s,
-            stride_ids_a,
-            log2_theta,
             HEAD_DIM,
             BLOCK_D,
             True,
-            HAS_ROPE,
-            AXIS0_PAIRS,
-            AXIS1_PAIRS,
-            AXIS2_PAIRS,
             UPCAST,
             INPUT_PRECISION,
         )
@@ -333,41 +224,147 @@ def flash_attention_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def _gpu_configs() -> list:
-    """A small search space. Checked with ptxas for sm_90 (bf16, pointers and strides 16-aligned
-    as the JIT specialises them): none of these spills at head dim 64/128 (the 128x64 tile
-    with 4 warps does), and the K/V loads are software-pipelined (cp.async)."""
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in (
-            (128, 64, 8, 3),
-            (128, 64, 8, 2),
-            (128, 128, 8, 2),
-            (64, 64, 4, 3),
-            (64, 128, 4, 3),
-            (64, 64, 8, 2),
-            (64, 32, 4, 2),
-        )
+# ---- configs: chosen per architecture, pruned before anything is compiled ----------------------
+#
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The candidates for every target; `launchable_configs`
+# keeps, for the current target, those whose shared memory fits and whose layout does not spill.
+# Measured with `hiflow-fast bench compile` (bf16, head dim 128; shared KiB / registers / spill
+# bytes per thread; kernels/README.md has the whole table):
+#   128x64 w8 s3   sm_80/86/89: 96/255/0       sm_90: 128/174/0
+#   128x128 w8 s2  sm_80/86/89: 96/255/32      sm_90: 160/250/0
+#   64x64 w4 s3    sm_80/86/89: 88/255/128-164 sm_90: 112/164/0
+# On sm_80/86/89 (mma.sync) a 64-row tile with 4 warps at head dim >= 128 is laid out with the
+# warps along the head dimension (warpsPerCTA [1, 4]): every warp holds all 64 rows of the
+# accumulator, so it spills and the row max/sum become cross-warp reductions; 128 x 128 tiles
+# spill too. There only 128 x 64 tiles with 8 warps (warps split the rows) are kept, and 64-row
+# tiles only where nothing else fits (head dim 256). On sm_90 (wgmma) every candidate is clean.
+CANDIDATE_CONFIGS = (
+    (128, 64, 8, 3),
+    (128, 64, 8, 2),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 8, 2),
+    (64, 32, 4, 2),
+    (32, 32, 4, 2),
+)
+# The smallest tile: at head dim 256 (the only config with no spills there on sm_80/86/89) and
+# wherever no larger candidate fits. (fp32 at head dim 256 fits nothing in 99 KiB: refused.)
+SMALL_CONFIG = (32, 32, 4, 2)
+# Per-block shared memory (opt-in maximum, bytes) by compute capability, for targets that cannot
+# be asked (an offline compile); a real device reports its own. Unknown: the smallest (sm_86/89).
+SHARED_LIMIT_BY_CC = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+SMALLEST_SHARED_LIMIT = 101_376
+
+
+def shared_bytes_needed(block_m: int, block_n: int, block_d: int, itemsize: int, num_stages: int, cc: int) -> int:
+    """Shared memory a config may need, an upper bound of what the compiler allocates, known
+    before compiling: the software pipeline keeps `num_stages` K and V tiles (BLOCK_N x BLOCK_D
+    each); P (BLOCK_M x BLOCK_N) may go through shared memory on its way to the second dot; on
+    sm_90 the wgmma reads Q from shared memory too. (The compiler often needs less, reusing
+    buffers; the compile matrix checks the bound against every compiled config in CI.)"""
+    needed = num_stages * 2 * block_n * block_d * itemsize + block_m * block_n * itemsize
+    if cc >= 90:
+        needed += block_m * block_d * itemsize
+    return needed
+
+
+def _current_target() -> tuple[int, int]:
+    """(compute capability as 86, per-block shared memory limit) of the active Triton driver."""
+    from triton.runtime import driver
+
+    active = driver.active
+    return _target_of(active, active.get_current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _target_of(active, device) -> tuple[int, int]:
+    cc = active.get_current_target().arch
+    try:
+        limit = active.utils.get_device_properties(device)["max_shared_mem"]
+    except AttributeError:  # a driver with no device behind it (bench/offline_compile.py)
+        limit = SHARED_LIMIT_BY_CC.get(cc, SMALLEST_SHARED_LIMIT)
+    return cc, limit
+
+
+def launchable_configs(block_d: int, itemsize: int, cc: int, shared_limit: int) -> list[tuple[int, int, int, int]]:
+    """The candidates that fit `shared_limit` and do not spill (where some config does not) at
+    this padded head dim on sm_`cc`; [] when not even SMALL_CONFIG fits."""
+
+    def fits(c):
+        bm, bn, _, stages = c
+        return shared_bytes_needed(bm, bn, block_d, itemsize, stages, cc) <= shared_limit
+
+    # Register budget: the fp32 accumulator is BLOCK_M x BLOCK_D and the K/V tiles
+    # BLOCK_N x BLOCK_D. Tiles above 128 x 128 elements spill on sm_80/86/89; on sm_90 (wgmma,
+    # operands from shared memory) a 128 x 256 accumulator still does not (head dim 256, 128 x 64
+    # tiles: 255 registers, no spills), a 128 x 256 K/V tile does (408 bytes).
+    max_acc = 128 * 256 if cc >= 90 else 128 * 128
+    kept = [
+        c
+        for c in CANDIDATE_CONFIGS
+        if c != SMALL_CONFIG and fits(c) and c[0] * block_d <= max_acc and c[1] * block_d <= 128 * 128
     ]
+    if cc < 90 and block_d >= 128:
+        # Warps must split rows (see above), and 128 x 128 tiles spill there: 128 x 64, 8 warps.
+        wide = [c for c in kept if c[0] >= 128 and c[1] * block_d <= 64 * 128]
+        kept = wide or kept
+    if (block_d >= 256 or not kept) and fits(SMALL_CONFIG):
+        kept.append(SMALL_CONFIG)
+    return kept
+
+
+def _as_config(c) -> triton.Config:
+    bm, bn, warps, stages = c
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    # Register budget: the fp32 accumulator is BLOCK_M x BLOCK_D and the K/V tiles
-    # BLOCK_N x BLOCK_D; tiles above 128 x 128 elements spill (head dim 256 keeps 64-row tiles).
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_d <= 128 * 128 and c.kwargs["BLOCK_N"] * block_d <= 128 * 128]
-    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    """Autotuner pruning, before anything is compiled: the configs of `launchable_configs` for
+    the current device (the wrapper has refused inputs with none)."""
+    cc, limit = _current_target()
+    itemsize = named_args["q_ptr"].element_size()
+    keep = {str(_as_config(c)) for c in launchable_configs(kwargs["BLOCK_D"], itemsize, cc, limit)}
+    return [c for c in configs if str(c) in keep]
 
 
 flash_attention_kernel_autotuned = (
     None
     if INTERPRET
     else triton.autotune(
-        configs=_gpu_configs(),
-        key=["HEAD_DIM", "HAS_ROPE", "INPUT_PRECISION"],
+        configs=[_as_config(c) for c in CANDIDATE_CONFIGS],
+        # seq_bucket: the next power of two of the sequence length, so the 2K stage's tuning
+        # does not decide the 4K stage's config (and a few tokens more do not re-tune).
+        key=["HEAD_DIM", "INPUT_PRECISION", "seq_bucket"],
         prune_configs_by={"early_config_prune": _prune_configs},
+        # Timings kept across processes in Triton's cache dir (TRITON_CACHE_DIR, default
+        # ~/.triton/cache), keyed by triton's version, the target, the kernel source, the key
+        # and the configs: a new process at 66k tokens does not re-time every config.
+        cache_results=True,
     )(flash_attention_kernel)
 )
+
+
+def check_launchable(head_dim: int, itemsize: int) -> None:
+    """ValueError saying what does not fit when no config of this head dim and dtype fits the
+    current GPU's shared memory (the op turns it into a HiFlowInputError before any work)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cc, limit = _current_target()
+    if not launchable_configs(block_d, itemsize, cc, limit):
+        bm, bn, _, stages = SMALL_CONFIG
+        smallest = shared_bytes_needed(bm, bn, block_d, itemsize, stages, cc)
+        raise ValueError(f"needs {smallest} bytes of shared memory per block, the GPU (sm_{cc}) has {limit}")
+
+
+def rotate_qk(q, k, ids, axes_pairs, theta: float, *, launcher=None):
+    """RoPE-rotated copies of q and k (same dtype; contiguous): one pass over both, the angles
+    computed once per token block for every head (float64 angles, fp32 cos/sin)."""
+    q_rot = q.new_empty(q.shape)
+    k_rot = k.new_empty(k.shape)
+    log_theta_hi, log_theta_lo = fp32_split(math.log(theta))
+    launch_qk_norm_rope(q, k, q_rot, k_rot, None, None, None, None, ids, axes_pairs, log_theta_hi, log_theta_lo,
+                        0.0, 0, apply_rope=True, apply_norm=False, launcher=launcher)
+    return q_rot, k_rot
 
 
 def launch_flash_attention(
@@ -378,25 +375,27 @@ def launch_flash_attention(
     scale: float,
     ids=None,
     axes_pairs: tuple[int, int, int] = (0, 0, 0),
-    log2_theta: float = 0.0,
+    theta: float = 10000.0,
     *,
     launcher=None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> None:
-    """Launch on [B, S, H, D] tensors (checked by the caller). Block sizes: given, else the
-    interpreter's large tiles on CPU, else autotuned on the GPU."""
+    """Launch on [B, S, H, D] tensors (checked by the caller). Block sizes: given (with
+    num_warps: 8 for 128-row tiles, else 4; and num_stages), else the interpreter's large
+    tiles on CPU, else autotuned on the GPU among the configs that fit it. With `ids` (RoPE
+    positions [S, n_axes], `axes_pairs` pairs per axis, `theta` with any NTK factor), q and k
+    are first rotated once into new buffers by qk_norm_rope's rotation-only mode."""
+    if ids is not None:
+        q, k = rotate_qk(q, k, ids, axes_pairs, theta, launcher=launcher)
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k = k.shape[1]
     block_d = max(16, triton.next_power_of_2(head_dim))
-    has_rope = ids is not None
     common = dict(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
-        HAS_ROPE=has_rope,
-        AXIS0_PAIRS=axes_pairs[0],
-        AXIS1_PAIRS=axes_pairs[1],
-        AXIS2_PAIRS=axes_pairs[2],
         UPCAST=INTERPRET,
         # "ieee": no TF32 for fp32 inputs; fp16/bf16 dots ignore the setting ("tf32" is the default).
         INPUT_PRECISION="ieee" if q.dtype.itemsize == 4 else "tf32",
@@ -406,7 +405,6 @@ def launch_flash_attention(
         k,
         v,
         out,
-        ids if has_rope else q,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -419,13 +417,11 @@ def launch_flash_attention(
         out.stride(0),
         out.stride(1),
         out.stride(2),
-        ids.stride(0) if has_rope else 0,
-        ids.stride(1) if has_rope else 0,
         num_heads,
         seq_q,
         seq_k,
+        triton.next_power_of_2(max(seq_q, seq_k)),
         scale * LOG2E,
-        log2_theta,
     )
     wrap = launcher if launcher is not None else (lambda kernel: kernel)
     if block_m is None and block_n is None and not INTERPRET:
@@ -441,8 +437,8 @@ def launch_flash_attention(
         block_n = block_n or min(INTERPRET_BLOCK, max(16, triton.next_power_of_2(seq_k)))
         extra = {}
     else:
-        block_m = block_m or 64
+        block_m = block_m or 128
         block_n = block_n or 64
-        extra = {"num_warps": 4, "num_stages": 2}
+        extra = {"num_warps": num_warps or (8 if block_m >= 128 else 4), "num_stages": num_stages}
     grid = (triton.cdiv(seq_q, block_m), batch * num_heads)
     wrap(flash_attention_kernel)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **common, **extra)

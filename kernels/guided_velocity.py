@@ -31,8 +31,13 @@ import triton.language as tl
 
 from hiflow_fast.kernels.reference_flow import bicubic_from_packed, packed_offset
 
-# Output elements per program.
-BLOCK_SIZE = 1024
+# Output elements per program, with the default 4 warps: 4 per thread. Chosen by register count
+# (`hiflow-fast bench compile`, sm_86, PREV_MODE=1, the heaviest): BLOCK 1024 x 4 warps took 202
+# registers per thread (2 blocks of 4 warps per SM: 8 warps to hide the bicubic gathers'
+# latency); 512 x 4 warps takes 128 (4 blocks, 16 warps per SM), 256 x 4 warps 64. 512 keeps 4
+# elements per thread (128-bit accesses) at >= 4 blocks per SM; to be confirmed by bench guidance
+# on a GPU.
+BLOCK_SIZE = 512
 
 PREV_NONE = 0
 PREV_SEPARATE = 1

@@ -26,13 +26,16 @@ q and k to the model dtype after the norm, after the weight and after the rotati
 arrives as log(theta) split into two fp32 scalars, hi + lo, since Triton passes Python floats
 as fp32: hi + lo recombined in float64 carries ~48 bits.
 
-Norm-only mode (APPLY_ROPE=False) serves the attention kernel that rotates q/k tiles itself.
+Norm-only mode (APPLY_ROPE=False) serves attention backends that rotate q/k themselves;
+rotation-only mode (APPLY_NORM=False) is the RoPE pass of hiflow_fast::flash_attention(rope=...)
+(kernels/flash_attention.py: rotating q and k once, before the attention kernel).
 Output may alias the input (in place): every program reads its rows before writing them.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 
 import triton
 import triton.language as tl
@@ -112,15 +115,20 @@ def _norm_rope_rows(
     HEAD_DIM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     APPLY_ROPE: tl.constexpr,
+    APPLY_NORM: tl.constexpr,
 ):
     """RMSNorm (+ rotation) of one head's rows [BLOCK_S, HEAD_DIM], as even/odd halves."""
     x_even_ptrs = x_ptr + offs_s[:, None] * stride_xs + 2 * offs_p[None, :]
     x_even = tl.load(x_even_ptrs, mask=mask, other=0.0).to(tl.float32)
     x_odd = tl.load(x_even_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
-    mean_sq = tl.sum(x_even * x_even + x_odd * x_odd, axis=1) / HEAD_DIM
-    rstd = 1.0 / tl.sqrt_rn(mean_sq + eps)
-    y_even = x_even * rstd[:, None]
-    y_odd = x_odd * rstd[:, None]
+    if APPLY_NORM:
+        mean_sq = tl.sum(x_even * x_even + x_odd * x_odd, axis=1) / HEAD_DIM
+        rstd = 1.0 / tl.sqrt_rn(mean_sq + eps)
+        y_even = x_even * rstd[:, None]
+        y_odd = x_odd * rstd[:, None]
+    else:
+        y_even = x_even
+        y_odd = x_odd
     if HAS_WEIGHT:
         y_even = y_even * w_even
         y_odd = y_odd * w_odd
@@ -190,6 +198,7 @@ def qk_norm_rope_kernel(
     AXIS2_PAIRS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     APPLY_ROPE: tl.constexpr,
+    APPLY_NORM: tl.constexpr = True,
 ):
     """Grid (cdiv(S, BLOCK_S), B). One program: BLOCK_S tokens of one batch item, all heads of
     q and k. BLOCK_P = next power of two >= HEAD_DIM / 2 (rotated pairs, masked beyond)."""
@@ -246,6 +255,7 @@ def qk_norm_rope_kernel(
             HEAD_DIM,
             HAS_WEIGHT,
             APPLY_ROPE,
+            APPLY_NORM,
         )
         _norm_rope_rows(
             k_base + h * stride_kh,
@@ -263,7 +273,14 @@ def qk_norm_rope_kernel(
             HEAD_DIM,
             HAS_WEIGHT,
             APPLY_ROPE,
+            APPLY_NORM,
         )
+
+
+def fp32_split(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi, lo representable in fp32 (Triton passes floats as fp32)."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
 
 
 def launch_qk_norm_rope(
@@ -283,6 +300,7 @@ def launch_qk_norm_rope(
     n_txt: int,
     *,
     apply_rope: bool,
+    apply_norm: bool = True,
     launcher=None,
     block_s: int | None = None,
 ) -> None:
@@ -340,5 +358,6 @@ def launch_qk_norm_rope(
         AXIS2_PAIRS=axes_pairs[2],
         HAS_WEIGHT=has_weight,
         APPLY_ROPE=apply_rope,
+        APPLY_NORM=apply_norm,
         num_warps=NUM_WARPS,
     )

@@ -26,8 +26,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Elements per program: 1024 fp32 = 4 KiB per stream, a full wave of 128-bit loads on 4 warps.
-BLOCK_SIZE = 1024
+# Elements per program, with the default 4 warps: 4 fp32 per thread (128-bit accesses). Chosen by
+# register count (`hiflow-fast bench compile`, sm_86): BLOCK 1024 x 4 warps took 248 registers
+# per thread (2 blocks per SM, 8 warps to hide the bicubic gathers' latency), 1024 x 8 warps 114
+# (2 blocks of 8), 512 x 4 warps 96 (5 blocks, 20 warps per SM). To be confirmed by bench
+# guidance on a GPU.
+BLOCK_SIZE = 512
 
 
 @triton.jit

@@ -128,7 +128,7 @@ def test_e2e_primes_each_path_untimed_before_timing(tmp_path, capsys):
     assert records and all(r["primed"] is True for r in records)
 
 
-@pytest.mark.parametrize("name", ["all", "guidance", "transformer", "vae", "e2e"])
+@pytest.mark.parametrize("name", ["all", "guidance", "transformer", "vae", "e2e", "compile", "attention_tuning"])
 def test_existing_output_is_refused_without_overwrite(name, tmp_path, capsys, monkeypatch):
     """Every bench CLI refuses an existing output (status 2, one `error:` line naming
     --overwrite) before it measures anything, and leaves the file as it was."""
@@ -658,3 +658,12 @@ def test_cpu_allocator_choice_is_applied_once_and_recorded_truthfully():
     assert first == "system"
     assert second == "retain" or second.startswith("system (")  # no glibc mallopt: said, not faked
     assert third == ("retain (set earlier in this process)" if second == "retain" else "system")
+
+
+def test_bench_all_runs_opt_in_benchmarks_only_when_named():
+    """`bench all` leaves out the offline compile matrix and the GPU tuning measurement unless
+    --only names them."""
+    installed, names = bench_all._select(bench_all._parse(["--device", "cpu"]))
+    assert {"compile", "attention_tuning"} <= set(installed)
+    assert not set(names) & bench_all.OPT_IN
+    assert bench_all._select(bench_all._parse(["--device", "cpu", "--only", "compile"]))[1] == ["compile"]

@@ -92,7 +92,7 @@ def _ids(seq_len, n_txt, max_pos, seed):
 
 
 def test_rope_on_load_matches_rotating_first():
-    """RoPE applied to q/k tiles in the kernel (fp32 angles) = rotate with the float64 tables,
+    """RoPE inside the op (a rotation pass, then attention) = rotate with the float64 tables,
     then attend; positions of a 2K grid (up to 130), NTK 2."""
     axes = (4, 6, 6)
     q, k, v = qkv(2, 61, 61, 2, 16, seed=12)
@@ -100,10 +100,10 @@ def test_rope_on_load_matches_rotating_first():
     cos, sin = ntk_rope_cos_sin(ids, axes, 10000.0, 2.0)
     want = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 0.4)
     got = flash_attention(q, k, v, 0.4, rope=RopeSpec(ids, axes, 20000.0))
-    # fp32 angles: position x 1 ulp (~1e-5 rad), not fp32-exact.
+    # float64 angles, fp32 cos/sin and rotation.
     assert rel_l2(got, want) < 2e-5
     out = torch.full_like(q, float("nan"))
-    launch_flash_attention(q, k, v, out, 0.4, ids, (2, 3, 3), math.log2(20000.0), block_m=16, block_n=16)
+    launch_flash_attention(q, k, v, out, 0.4, ids, (2, 3, 3), 20000.0, block_m=16, block_n=16)
     assert rel_l2(out, want) < 2e-5
 
 
@@ -154,3 +154,88 @@ def test_bad_rope_names_the_field():
     with pytest.raises(HiFlowInputError) as info:
         flash_attention(q, q, q, rope=RopeSpec(torch.zeros(5, 3, device=DEVICE), (4, 6, 6)))
     assert info.value.field == "rope.ids.shape"
+
+
+def _selectable_configs(head_dim, dtype):
+    from hiflow_fast.kernels.flash_attention import _current_target, launchable_configs
+
+    cc, limit = _current_target()
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    return launchable_configs(block_d, torch.empty((), dtype=dtype).element_size(), cc, limit)
+
+
+@pytest.mark.gpu
+@pytest.mark.attention_configs
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("rope", [False, True], ids=["no_rope", "rope"])
+def test_every_selectable_config_at_flux_shapes_within_twice_torch_bf16_error(head_dim, rope):
+    """Every config the autotuner may pick on this GPU, forced one by one, at Flux's 1K joint
+    sequence (512 text + 4096 image tokens, 24 heads), bf16, against the fp32 reference: the
+    kernel's error is at most twice that of PyTorch's own bf16 attention."""
+    seq, heads = 512 + 4096, 24
+    q32, k32, v32 = qkv(1, seq, seq, heads, head_dim, seed=head_dim + rope, spread=1.5)
+    q, k, v = (t.to(torch.bfloat16) for t in (q32, k32, v32))
+    scale = proportional_attention_scale(seq, head_dim)
+    pairs = (head_dim // 2 - 2 * (head_dim * 7 // 32), head_dim * 7 // 32, head_dim * 7 // 32)
+    axes = tuple(2 * p for p in pairs)
+    if rope:  # the oracle rotates in fp32 (float64 tables); PyTorch's bf16 run gets bf16 rotated q, k
+        ids = _ids(seq, 512, 64, seed=3)
+        cos, sin = ntk_rope_cos_sin(ids, axes, 10000.0, 1.0)
+        q_rot, k_rot = apply_rope(q.float(), cos, sin), apply_rope(k.float(), cos, sin)
+    else:
+        ids, q_rot, k_rot = None, q.float(), k.float()
+    oracle = attention(q_rot, k_rot, v.float(), scale)
+    budget = 2 * rel_l2(sdpa(q_rot.to(torch.bfloat16), k_rot.to(torch.bfloat16), v, scale), oracle)
+    configs = _selectable_configs(head_dim, torch.bfloat16)
+    assert configs
+    for block_m, block_n, warps, stages in configs:
+        out = torch.full_like(q, float("nan"))
+        launch_flash_attention(q, k, v, out, scale, ids, pairs, 10000.0, block_m=block_m, block_n=block_n,
+                               num_warps=warps, num_stages=stages)
+        err = rel_l2(out, oracle)
+        assert err <= budget, f"config {block_m}x{block_n} w{warps} s{stages}: {err:.3g} > {budget:.3g}"
+
+
+@pytest.mark.parametrize("cc,limit", [(80, 166_912), (86, 101_376), (89, 101_376), (90, 232_448)])
+def test_configs_fit_every_target_and_the_flux_path_keeps_wide_tiles(cc, limit):
+    """Pruning (before compiling): every config kept fits the target's shared memory by the
+    bound that tests/test_compile_matrix.py checks against the compiler; fp16/bf16 at every
+    head dim has one; on sm_80/86/89 bf16 at head dim 128 gets 128-row tiles only (the 64-row
+    ones spill there)."""
+    from hiflow_fast.kernels.flash_attention import launchable_configs, shared_bytes_needed
+
+    for block_d in (16, 32, 64, 128, 256):
+        for itemsize in (2, 4):
+            kept = launchable_configs(block_d, itemsize, cc, limit)
+            assert all(shared_bytes_needed(bm, bn, block_d, itemsize, s, cc) <= limit for bm, bn, _, s in kept)
+            if itemsize == 2:
+                assert kept, (block_d, itemsize)
+    if cc < 90:
+        assert {c[0] for c in launchable_configs(128, 2, cc, limit)} == {128}
+
+
+def test_no_config_that_fits_is_refused_before_any_work(monkeypatch):
+    """fp32 at head dim 256 fits no tile in 99 KiB (sm_86/89): ValueError from the kernel
+    module, which the op turns into a HiFlowInputError naming head_dim/dtype."""
+    from hiflow_fast.kernels import flash_attention as kernel_module
+
+    monkeypatch.setattr(kernel_module, "_current_target", lambda: (86, 101_376))
+    with pytest.raises(ValueError, match="shared memory"):
+        kernel_module.check_launchable(256, 4)
+    kernel_module.check_launchable(256, 2)
+    kernel_module.check_launchable(128, 4)
+
+
+def test_op_names_head_dim_and_dtype_when_no_config_fits(monkeypatch):
+    from hiflow_fast.ops import flash_attention as op_module
+
+    def no_fit(head_dim, itemsize):
+        raise ValueError("needs 135168 bytes of shared memory per block, the GPU (sm_86) has 101376")
+
+    monkeypatch.setattr(op_module, "INTERPRET", False)
+    monkeypatch.setattr(op_module, "check_head_tensor", lambda *args, **kwargs: None)
+    monkeypatch.setattr(op_module, "check_launchable", no_fit)
+    q = torch.zeros(1, 4, 2, 256)
+    with pytest.raises(HiFlowInputError) as info:
+        flash_attention(q, q, q)
+    assert info.value.field == "head_dim/dtype" and "sm_86" in str(info.value)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from hiflow_fast.errors import HiFlowInputError
-from hiflow_fast.kernels.qk_norm_rope import launch_qk_norm_rope
-from hiflow_fast.ops.qk_norm_rope import _fp32_split, qk_norm_rope
+from hiflow_fast.kernels.qk_norm_rope import fp32_split, launch_qk_norm_rope
+from hiflow_fast.ops.qk_norm_rope import qk_norm_rope
 from hiflow_fast.ref.qk_norm_rope import qk_norm_rope as qk_norm_rope_ref
 from hiflow_fast.ref.rope import apply_rope, ntk_rope_cos_sin
 
@@ -69,7 +69,7 @@ def test_small_blocks_odd_tail_and_poisoned_outputs():
     q, k, (wq, wk, wqt, wkt), ids = make_case(2, 45, 2, 16, 3, seed=7)
     q_out = torch.full_like(q, float("nan"))
     k_out = torch.full_like(k, float("nan"))
-    hi, lo = _fp32_split(torch.tensor(40000.0, dtype=torch.float64).log().item())
+    hi, lo = fp32_split(torch.tensor(40000.0, dtype=torch.float64).log().item())
     launch_qk_norm_rope(q, k, q_out, k_out, wq, wk, wqt, wkt, ids, (2, 3, 3), hi, lo, 1e-6, 3, apply_rope=True, block_s=16)
     want = qk_norm_rope_ref(q, k, wq, wk, ids, (4, 6, 6), 10000.0, 4.0, 1e-6, q_weight_txt=wqt, k_weight_txt=wkt, n_txt=3)
     assert not q_out.isnan().any() and not k_out.isnan().any()

@@ -3,8 +3,9 @@
     flash_attention(q, k, v, scale=None, *, rope=None) -> out        all [B, S, H, D]
 
 Non-causal softmax attention with any scale (HiFlow's proportional attention), head dims 16 to
-256, fp16/bf16 (fp32 for tests), optionally rotating q and k by RoPE as their tiles are loaded
-(`rope=RopeSpec(ids, axes_dim, theta)`). Kernel: kernels/flash_attention.py; oracle:
+256, fp16/bf16 (fp32 for tests), optionally rotating q and k by RoPE first
+(`rope=RopeSpec(ids, axes_dim, theta)`: one rotation pass into two new buffers, then attention;
+see kernels/flash_attention.py for why not on load). Kernel: kernels/flash_attention.py; oracle:
 hiflow_fast.ref.attention.attention. On a GPU the op is a `torch.library.triton_op`; under
 Triton's CPU interpreter (TRITON_INTERPRET=1) an opaque `torch.library.custom_op` with a fake
 implementation (the interpreter cannot run on fake tensors). Import this module on its own; it
@@ -22,7 +23,7 @@ from torch.library import triton_op, wrap_triton
 
 from hiflow_fast.errors import HiFlowInputError
 from hiflow_fast.ops.head_tensors import check_head_tensor
-from hiflow_fast.kernels.flash_attention import INTERPRET, launch_flash_attention
+from hiflow_fast.kernels.flash_attention import INTERPRET, check_launchable, launch_flash_attention
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -69,7 +70,7 @@ def _flash_attention_op(
         scale,
         rope_ids,
         (pairs[0], pairs[1], pairs[2]),
-        math.log2(rope_theta),
+        rope_theta,
         launcher=None if INTERPRET else wrap_triton,
     )
     return out
@@ -93,6 +94,11 @@ def check_flash_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     batch, _, heads, head_dim = q.shape
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise HiFlowInputError("head_dim", head_dim, f"{MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
+    if not INTERPRET:
+        try:
+            check_launchable(head_dim, q.element_size())
+        except ValueError as exc:  # no tile of this head dim and dtype fits this GPU's shared memory
+            raise HiFlowInputError("head_dim/dtype", (head_dim, q.dtype), f"a smaller head dim or dtype: {exc}") from None
     if k.shape[0] != batch or k.shape[2] != heads or k.shape[3] != head_dim:
         raise HiFlowInputError("k.shape", tuple(k.shape), f"[{batch}, S_k, {heads}, {head_dim}] (q is {tuple(q.shape)})")
     if v.shape != k.shape:
@@ -121,7 +127,7 @@ def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *, rope: RopeSpec | None = None
 ) -> torch.Tensor:
     """softmax(scale * q k^T) v for q [B, S_q, H, D], k and v [B, S_k, H, D] (non-causal);
-    scale defaults to 1/sqrt(D). With `rope`, q and k are rotated inside the kernel."""
+    scale defaults to 1/sqrt(D). With `rope`, q and k are rotated (into new buffers) first."""
     check_flash_attention_inputs(q, k, v, rope)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])

@@ -14,7 +14,6 @@ fake tensors. Import this module on its own; it registers the op once.
 from __future__ import annotations
 
 import math
-import struct
 from typing import Optional
 
 import torch
@@ -22,7 +21,7 @@ from torch.library import triton_op, wrap_triton
 
 from hiflow_fast.errors import HiFlowInputError
 from hiflow_fast.ops.head_tensors import check_head_tensor
-from hiflow_fast.kernels.qk_norm_rope import INTERPRET, launch_qk_norm_rope
+from hiflow_fast.kernels.qk_norm_rope import INTERPRET, fp32_split, launch_qk_norm_rope
 
 MAX_HEAD_DIM = 512
 MAX_AXES = 3
@@ -32,12 +31,6 @@ def _register(name: str, mutates_args):
     if INTERPRET:
         return torch.library.custom_op(name, mutates_args=mutates_args)
     return triton_op(name, mutates_args=mutates_args)
-
-
-def _fp32_split(value: float) -> tuple[float, float]:
-    """value = hi + lo with hi, lo representable in fp32 (Triton passes floats as fp32)."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi
 
 
 @_register("hiflow_fast::qk_norm_rope", mutates_args={"q_out", "k_out"})
@@ -59,7 +52,7 @@ def _qk_norm_rope_op(
     """q_out, k_out <- rope(rmsnorm(q)), rope(rmsnorm(k)). `theta` already includes the NTK
     factor; ids None = norm only. Inputs are validated by `qk_norm_rope`."""
     pairs = [d // 2 for d in axes_dim] + [0] * (MAX_AXES - len(axes_dim))
-    log_theta_hi, log_theta_lo = _fp32_split(math.log(theta))
+    log_theta_hi, log_theta_lo = fp32_split(math.log(theta))
     launch_qk_norm_rope(
         q,
         k,
