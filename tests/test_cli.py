@@ -184,7 +184,7 @@ def test_help_shows_defaults_and_choices(capsys):
         main(["generate", "--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "{auto,triton,ref}" in text and "{fft,dwt}" in text and "(default: float32)" in text
+    assert "{auto,triton,native,ref}" in text and "{fft,dwt}" in text and "(default: float32)" in text
     assert "(default: hiflow.png)" in text and "(default: off)" in text
 
 
