@@ -32,8 +32,9 @@ setup(
         # Triton ships with CUDA torch builds; the pin is the version the kernels are tested on.
         "triton": ["triton==3.6.0"],
         "text": ["transformers>=5,<6", "accelerate"],
-        "bench": ["nvidia-ml-py", "matplotlib"],
-        "test": ["pytest", "triton==3.6.0"],
+        # pytest-benchmark: the micro-benchmarks (bench/micro); tests/ runs them once at tiny sizes.
+        "bench": ["nvidia-ml-py", "matplotlib", "pytest-benchmark>=5"],
+        "test": ["pytest", "pytest-benchmark>=5", "triton==3.6.0"],
     },
     entry_points={"console_scripts": ["hiflow-fast=hiflow_fast.cli:main"]},
 )
