@@ -151,6 +151,18 @@ class MicroRun:
         self.outputs.finish(f"# micro ({self.size} shapes)\n\n{heading}\n\n{table}\n", title="micro-benchmarks")
 
 
+# (batch, channels, latent grid) of the low-pass ops' difference: the swin-padded 4K latent on a GPU.
+LOWPASS_SHAPES = {"tiny": (1, 4, (8, 10)), "cpu": (1, 16, (66, 66)), "flux": (1, 16, (514, 514))}
+
+
+@pytest.fixture
+def latent_difference(size, device) -> torch.Tensor:
+    """A random fp32 difference [B, C, H, W] for the low-pass ops (spectral, haar)."""
+    batch, channels, hw = LOWPASS_SHAPES[size]
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, channels, *hw, generator=g).to(device)
+
+
 @pytest.fixture(scope="session")
 def micro(pytestconfig, device, size):
     run = MicroRun(pytestconfig, device, size)
