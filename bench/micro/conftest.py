@@ -48,7 +48,7 @@ def pytest_addoption(parser):
     )
     group.addoption("--micro-records", type=Path, default=None, help="write bench/common records (JSON list) here, case by case")
     group.addoption("--micro-markdown", type=Path, default=None, help="write a markdown table of the cases here at the end")
-    group.addoption("--overwrite", action="store_true", default=False, help="replace existing --micro-records/--micro-markdown files")
+    group.addoption("--micro-overwrite", action="store_true", default=False, help="replace existing --micro-records/--micro-markdown files")
 
 
 def pytest_collect_file(file_path, parent):
@@ -94,7 +94,7 @@ class MicroRun:
             common.retain_freed_memory()  # as every CPU benchmark does (see bench/common)
         self.environment = common.run_environment(device)
         self.outputs = common.Outputs(
-            config.getoption("--micro-records"), config.getoption("--micro-markdown"), overwrite=config.getoption("--overwrite")
+            config.getoption("--micro-records"), config.getoption("--micro-markdown"), overwrite=config.getoption("--micro-overwrite")
         )
         self._bandwidth: float | None = None
         self._rates: dict[torch.dtype, float] = {}
@@ -123,12 +123,15 @@ class MicroRun:
         """Time fn() with bench/common (the record) and pytest-benchmark (its table)."""
         common = self.common
         floor_s = self.floor_s(nbytes=nbytes, flops=flops, dtype=dtype)
-        timing = common.measure_time(fn, self.device, repeats=self.repeats, warmup=1)
-        record = common.make_record(
-            f"micro_{op}", self.device, path, timing, None, self.environment,
-            floor_s=floor_s, label=f"{op} {path}", size=self.size, bytes_floor=nbytes or None, flops=flops or None,
-            dtype=str(dtype).removeprefix("torch."), **shape,
-        )
+        facts = dict(label=f"{op} {path}", size=self.size, bytes_floor=nbytes or None, flops=flops or None,
+                     dtype=str(dtype).removeprefix("torch."), **shape)
+        try:
+            timing = common.measure_time(fn, self.device, repeats=self.repeats, warmup=1)
+        except Exception as exc:  # recorded as skipped with the reason (as every bench does), then the test fails
+            self.outputs.add([common.make_record(f"micro_{op}", self.device, path, None, None, self.environment,
+                                                 skipped=common.case_skip_reason(exc), **facts)])
+            raise
+        record = common.make_record(f"micro_{op}", self.device, path, timing, None, self.environment, floor_s=floor_s, **facts)
         self.outputs.add([record])
         benchmark.extra_info.update(
             size=self.size, median_s=timing.median_s, floor_s=floor_s, fraction_of_floor=record["fraction_of_floor"], **shape

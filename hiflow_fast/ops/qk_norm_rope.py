@@ -7,7 +7,8 @@ The op writes into preallocated outputs declared as mutated (`q_out`, `k_out`); 
 q and k themselves (`inplace=True`: no extra memory). Kernel: kernels/qk_norm_rope.py; oracle:
 hiflow_fast.ref.qk_norm_rope. On a GPU the op is a `torch.library.triton_op` (torch.compile
 traces into the kernel); under Triton's CPU interpreter (TRITON_INTERPRET=1) it is an opaque
-`torch.library.custom_op` with a fake implementation (see hiflow_fast.ops.registration). Import this module on its own; it registers the op once.
+`torch.library.custom_op` with a fake implementation (see hiflow_fast.ops.registration).
+Import this module on its own; it registers the op once.
 """
 
 from __future__ import annotations
