@@ -1,4 +1,4 @@
-"""Benchmark of one HiFlow high-resolution guidance step: official vs ref vs fused.
+"""Benchmark of one HiFlow high-resolution guidance step: official vs ref vs fused vs native.
 
     python -m hiflow_fast.bench.bench_guidance --device cpu --json out.json
     hiflow-fast bench guidance --device cuda --sizes 1k,2k,4k
@@ -13,7 +13,10 @@ the velocity states onto the next step's swin grid):
   the latents and the crop of the two velocity states;
 * ref: `guidance_step(backend="ref")`, the plain-PyTorch reference (the CPU path);
 * fused: `guidance_step(backend="triton")`, the Triton kernels (on a CPU through Triton's
-  interpreter: a correctness path, timed only up to --fused-cpu-max).
+  interpreter: a correctness path, timed only up to --fused-cpu-max);
+* native: `guidance_step(backend="native")`, the C++/CUDA ops of csrc/ (built on first use,
+  see hiflow_fast.native; when they cannot be built here the path is recorded as skipped with
+  the reason). Its records carry `speedup_vs_ref`, against the ref path of the same run.
 
 Scenario per size (latent side L of a 1K/2K/4K target, 16 channels, batch 1): the reference x0 is
 the previous stage's (side L/2), the current grid is L x L, the next step runs on the swin-padded
@@ -62,7 +65,7 @@ SIZES = {"1k": 128, "2k": 256, "4k": 512}
 CHANNELS = 16
 # Step settings of a mid-stage step (official defaults: filter ratio 0.2, Butterworth order 4).
 STEP = dict(sigma=0.5, sigma_next=0.35, alpha=0.5, beta=0.25, filter_ratio=0.2, butterworth_order=4)
-PATHS = ("official", "ref", "fused")
+PATHS = ("official", "ref", "fused", "native")
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ def path_fn(path: str, inputs: dict, *, for_memory: bool = False):
     if path == "official":
         mask_fn = official_mask_vectorised if for_memory else None
         return lambda: official_step(inputs, mask_fn=mask_fn)
-    backend = {"ref": "ref", "fused": "triton"}[path]
+    backend = {"ref": "ref", "fused": "triton", "native": "native"}[path]
     v, v_ref = inputs["state_cur"]
     return lambda: guidance_step(
         inputs["sample"], inputs["model_output"], inputs["ref_x0"], hw=inputs["hw"], ref_hw=inputs["ref_hw"],
@@ -161,7 +164,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     add_common_arguments(parser, threads=True)
     parser.add_argument("--sizes", default="1k,2k,4k", help="comma list of 1k, 2k, 4k or latent sides")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per path and size (default 5)")
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma list of official, ref, fused")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma list of official, ref, fused, native")
     parser.add_argument("--fused-cpu-max", type=int, default=128,
                         help="on the CPU, time the fused path (Triton interpreter) only up to this latent side")
     args = parser.parse_args(argv)
@@ -181,6 +184,14 @@ def _main(argv: list[str] | None) -> int:
 
         # Triton on a CPU runs its interpreter, which must be chosen before triton is imported.
         prepare_interpreter("triton", None)
+    unavailable: dict[str, str] = {}  # path -> why it cannot run on this machine (recorded as skipped)
+    if "native" in paths:
+        from hiflow_fast.native import load_native_ops
+
+        try:  # built (once, into the user cache) before any timing
+            load_native_ops(device_type=device.type)
+        except HiFlowInputError as exc:
+            unavailable["native"] = str(exc)
     bandwidth = copy_bandwidth(device)
     print(f"{device_heading(environment, device)}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 
@@ -196,7 +207,8 @@ def _main(argv: list[str] | None) -> int:
             if path == "fused" and device.type == "cpu" and side > args.fused_cpu_max:
                 print(f"  {label}: fused skipped on cpu (interpreter; --fused-cpu-max {args.fused_cpu_max})")
                 continue
-            timed.append(path)
+            if path not in unavailable:
+                timed.append(path)
         slow = {p for p in timed if p == "official" or (p == "fused" and device.type == "cpu")}
         repeats = {p: max(1, min(args.repeats, 3) if p in slow else args.repeats) for p in timed}
         failed: dict[str, str] = {}  # path -> why it could not run (recorded as skipped)
@@ -216,14 +228,14 @@ def _main(argv: list[str] | None) -> int:
                     failed[p] = case_skip_reason(exc)
                     free_device_memory(device)
         free_device_memory(device)
-        for path in timed:
+        for path in [p for p in paths if p in timed or p in unavailable]:
             case = dict(
                 latent_hw=(side, side), floor_s=floor_s,
                 channels=CHANNELS, batch=1, ref_hw=list(inputs["ref_hw"]), next_hw=list(inputs["next_hw"]),
                 dtype="float32", bytes_floor=floor_bytes, copy_bandwidth_bytes_per_s=bandwidth,
                 interpreter=bool(path == "fused" and device.type == "cpu"), threads=torch.get_num_threads(),
             )
-            reason = failed.get(path)
+            reason = failed.get(path) or unavailable.get(path)
             if reason is None:
                 free_device_memory(device)
                 try:
@@ -246,7 +258,11 @@ def _main(argv: list[str] | None) -> int:
             row[f"{path}_floor"] = record["fraction_of_floor"]
             print(f"  {label} {path:8s} median {timing.median_s * 1e3:9.2f} ms  (min {timing.min_s * 1e3:.2f}, "
                   f"max {timing.max_s * 1e3:.2f}; peak {row[f'{path}_peak_MiB'] or float('nan'):.1f} MiB)")
-        best = min((row[f"{p}_s"] for p in ("ref", "fused") if f"{p}_s" in row), default=None)
+        for record in records:
+            if record["path"] in ("fused", "native") and record["median_s"] and "ref_s" in row:
+                record["speedup_vs_ref"] = row["ref_s"] / record["median_s"]
+                row[f"{record['path']}_speedup_vs_ref"] = record["speedup_vs_ref"]
+        best = min((row[f"{p}_s"] for p in ("ref", "fused", "native") if f"{p}_s" in row), default=None)
         if best is not None and "official_s" in row:
             row["official_over_best"] = row["official_s"] / best
             for record in records:
@@ -262,6 +278,7 @@ def _main(argv: list[str] | None) -> int:
         columns += [(f"{p} median s", f"{p}_s"), (f"{p} peak MiB", f"{p}_peak_MiB")]
     if device.type == "cuda":
         columns += [(f"{p} floor fraction", f"{p}_floor") for p in paths if p != "official"]
+    columns += [(f"ref / {p}", f"{p}_speedup_vs_ref") for p in paths if p in ("fused", "native") and "ref" in paths]
     columns.append(("official / best", "official_over_best"))
     table = markdown_table(rows, columns)
     markdown = f"# guidance step bench ({environment['device_name']}, commit {environment['commit']})\n\n{table}\n"

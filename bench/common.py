@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import torch
 
-from hiflow_fast.errors import HiFlowInputError
+from hiflow_fast.errors import HiFlowInputError, is_out_of_memory
 
 # ---- timing ---------------------------------------------------------------------------------
 
@@ -563,10 +563,6 @@ def make_record(
 FAILED_PREFIX = "failed: "
 
 
-# Out of memory raised as a plain RuntimeError: the CPU allocator, cuBLAS and cuDNN workspaces.
-_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
 def case_skip_reason(exc: BaseException) -> str:
     """The `skipped` reason of a case that raised, so that a benchmark records it and goes on to
     its next case: out of memory (a size that does not fit), or a failure (a backend refusing its
@@ -575,7 +571,7 @@ def case_skip_reason(exc: BaseException) -> str:
     if isinstance(exc, HiFlowInputError) or not isinstance(exc, Exception):
         raise exc
     message = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or any(s in message for s in _OUT_OF_MEMORY_MESSAGES):
+    if is_out_of_memory(exc):
         return f"out of memory: {message}" if message else "out of memory"
     traceback.print_exception(exc, file=sys.stderr)
     return f"{FAILED_PREFIX}{type(exc).__name__}" + (f": {message}" if message else "")

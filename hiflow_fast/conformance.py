@@ -291,32 +291,52 @@ def run_case(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hiflow_fast.conformance", description=__doc__.split("\n\n")[0])
+    from .backend import BACKENDS
+    from .cli import HelpFormatter, Parser, UsageError
+
+    parser = Parser(prog="python -m hiflow_fast.conformance", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--case", required=True, help="golden case tensors (.pt, loaded with weights_only=True)")
     parser.add_argument("--params", required=True, help="golden case JSON (its `params` and `seed` are used)")
     parser.add_argument("--model", required=True, help="diffusers-format Flux folder (transformer/, vae/, scheduler/)")
-    parser.add_argument("--backend", default=None, help="guidance backend: ref or triton (default: automatic)")
-    parser.add_argument("--attention", default=None, help="attention backend for the high-res stages (default: sdpa)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="guidance backend (default: $HIFLOW_BACKEND, else auto)")
+    parser.add_argument("--attention", default=None, help="attention backend for the high-res stages (default: $HIFLOW_ATTENTION, else sdpa)")
     parser.add_argument("--save-latents", default=None, help="write the final (uncropped) latents to this .pt file")
     parser.add_argument("--overwrite", action="store_true", help="allow --save-latents to replace an existing file")
     parser.add_argument("--step-tolerance", type=float, default=STEP_TOLERANCE, help="unit checks")
     parser.add_argument("--chained-tolerance", type=float, default=CHAINED_STEP_TOLERANCE, help="per-step, end to end")
     parser.add_argument("--final-tolerance", type=float, default=FINAL_TOLERANCE, help="final latents")
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     try:
+        for flag in ("--step-tolerance", "--chained-tolerance", "--final-tolerance"):
+            value = getattr(args, flag[2:].replace("-", "_"))
+            if not (math.isfinite(value) and value > 0):
+                raise HiFlowInputError(flag, value, "a finite number > 0")
         # Triton on a CPU runs its interpreter, which must be chosen before diffusers imports triton.
         from .interpreter import prepare_interpreter
 
         prepare_interpreter(args.backend, args.attention)
+        from .checks import check_model_dir
+        from .io import check_output_path
         from .pipeline import HiFlowPipeline
 
-        if args.save_latents and os.path.exists(args.save_latents) and not args.overwrite:
-            raise HiFlowInputError("--save-latents", args.save_latents, "a path that does not exist yet (or pass --overwrite)")
+        if args.save_latents:
+            check_output_path(args.save_latents, overwrite=args.overwrite, field="--save-latents")
         for flag, path in (("--case", args.case), ("--params", args.params)):
             if not os.path.isfile(path):
                 raise HiFlowInputError(flag, path, "an existing file")
-        case, meta = load_case(args.case, args.params)
+        check_model_dir(args.model, "--model")
+        try:
+            case, meta = load_case(args.case, args.params)
+        except json.JSONDecodeError as exc:
+            raise HiFlowInputError("--params", args.params, f"a JSON file ({exc})") from None
+        except Exception as exc:  # torch.load(weights_only=True) refuses pickled code, truncation, ...
+            raise HiFlowInputError("--case", args.case, f"a golden case .pt loadable with weights_only=True ({type(exc).__name__})") from None
         params = dict(meta["params"])
         params["seed"] = meta["seed"]
         pipe = HiFlowPipeline.from_pretrained(args.model, load_text_encoders=False)
@@ -330,8 +350,12 @@ def main(argv: list[str] | None = None) -> int:
             chained_tolerance=args.chained_tolerance,
             final_tolerance=args.final_tolerance,
         )
-    except (HiFlowInputError, HiFlowModelError, FileNotFoundError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (HiFlowInputError, HiFlowModelError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        from .cli import cli_error
+
+        print(f"error: {cli_error(exc) if isinstance(exc, HiFlowInputError) else exc}", file=sys.stderr)
         return 2
     width = max(len(c.name) for c in checks)
     for c in checks:

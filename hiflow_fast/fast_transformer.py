@@ -101,8 +101,10 @@ def resolve_kernels(requested: str | None, device: torch.device) -> str:
     """"triton" or "ref" for the fused q/k norm + RoPE, chosen exactly as the guidance step's
     backend (`hiflow_fast.backend.resolve_backend`: the argument, else $HIFLOW_BACKEND, else
     "auto" = Triton on CUDA, the torch reference elsewhere; "triton" on CPU switches Triton to its
-    interpreter)."""
-    return resolve_backend(requested, device=device, field="kernels")
+    interpreter). "native" has no norm + RoPE kernel (csrc/ covers the guidance ops only): the
+    transformer then runs the torch reference, as documented for the native backend."""
+    name = resolve_backend(requested, device=device, field="kernels")
+    return "ref" if name == "native" else name
 
 
 def _rms_eps(norm: torch.nn.Module, dtype: torch.dtype) -> float:

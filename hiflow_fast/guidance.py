@@ -9,8 +9,10 @@ latents, with the three alignments of HiFlow applied:
 3. acceleration and the Euler step (see `hiflow_fast.ref.guided_velocity`).
 
 Tensors at this interface are packed [B, N, 4C], as in the official pipeline. The backend
-(`ref` or `triton`) is chosen once by `hiflow_fast.backend` (argument, then $HIFLOW_BACKEND,
-then "auto": Triton for CUDA tensors, the reference otherwise).
+(`ref`, `triton` or `native`) is chosen once by `hiflow_fast.backend` (argument, then
+$HIFLOW_BACKEND, then "auto": Triton for CUDA tensors, the reference otherwise). `triton` and
+`native` run the same ops (hiflow_fast::<op> and hiflow_fast_native::<op>, identical schemas)
+through the same orchestration, `_guidance_step_kernels`.
 """
 
 from __future__ import annotations
@@ -297,7 +299,8 @@ def _guidance_step_torch(
     return GuidanceStepOutput(prev_sample=x_next, pred_x0=pred_x0, state=VelocityState(v_out, v_ref_out, tuple(out_hw)))
 
 
-def _guidance_step_triton(
+def _guidance_step_kernels(
+    ops,
     sample: torch.Tensor,
     model_output: torch.Tensor,
     ref_x0: torch.Tensor,
@@ -314,12 +317,12 @@ def _guidance_step_triton(
     butterworth_order: int,
     state: VelocityState,
 ) -> GuidanceStepOutput:
-    """The step as three fused kernels (plus torch's rfft2/irfft2 pair in "fft" mode).
+    """The step as three fused kernels (plus torch's rfft2/irfft2 pair in "fft" mode), from the
+    op namespace `ops`: torch.ops.hiflow_fast (Triton) or torch.ops.hiflow_fast_native (csrc/).
 
     Temporaries: one fp32 latent (the difference, low-passed in place) and, in "fft" mode, its
     rfft2 spectrum. Outputs: x_next (on out_hw), pred_x0 (fp32, current grid), v and v_ref (fp32
     on out_hw; the incoming state's buffers are reused when they are already on out_hw)."""
-    ops = torch.ops.hiflow_fast
     sample = sample.contiguous()
     model_output = model_output.contiguous()
     ref_x0 = ref_x0.contiguous()
@@ -385,12 +388,12 @@ def guidance_step(
 
     sample, model_output: packed [B, N, 4C] on the latent grid `hw`; ref_x0: the previous stage's
     packed x0 on `ref_hw`; state: the previous step's VelocityState (any grid one swin pad/crop
-    away) or None on a stage's first step. backend: "triton", "ref", "auto" or None
+    away) or None on a stage's first step. backend: "triton", "native", "ref", "auto" or None
     ($HIFLOW_BACKEND, else "auto"). next_hw: the grid the *next* step runs on (hw, or hw +- 2
     with swin patchify); prev_sample and the returned state are written straight on it, so the
     caller needs no pad or crop. Default: hw (the official layout: the caller pads/crops).
 
-    With the triton backend the incoming state's buffers are updated in place when they are
+    With the triton and native backends the incoming state's buffers are updated in place when they are
     fp32, contiguous and already on next_hw (the returned state then holds the same tensors).
     Bad input raises HiFlowInputError.
     """
@@ -404,8 +407,10 @@ def guidance_step(
         structure_guidance=structure_guidance, filter_ratio=filter_ratio,
         butterworth_order=butterworth_order, state=state,
     )
-    if resolve_backend(backend, device=sample.device) == "triton":
-        return _guidance_step_triton(sample, model_output, ref_x0, out_hw=out_hw, **kwargs)
+    chosen = resolve_backend(backend, device=sample.device)
+    if chosen in ("triton", "native"):
+        ops = torch.ops.hiflow_fast if chosen == "triton" else torch.ops.hiflow_fast_native
+        return _guidance_step_kernels(ops, sample, model_output, ref_x0, out_hw=out_hw, **kwargs)
     if torch.compiler.is_compiling():
         # Under torch.compile the plain composition is the better input: Inductor fuses it, and
         # the eager path's strided `out=` writes are not traceable.

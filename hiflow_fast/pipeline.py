@@ -12,20 +12,25 @@ scheduler is only ever deep-copied, and no global RNG is read or written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
 from . import latents as L
 from . import vae as V
-from .config import HiFlowConfig
-from .errors import HiFlowInputError, HiFlowModelError
+from .attention_backends import resolve_backend_name
+from .backend import resolve_backend
+from .checks import check_device, check_dtype, check_index_range, check_model_dir, check_prompt_embeds
+from .config import HiFlowConfig, as_int
+from .errors import HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, StageOutOfMemoryError, is_out_of_memory
 from .guidance import VelocityState, guidance_step
 from .ref.attention import duplicate_text
 from .ref.reference_flow import renoise
@@ -35,6 +40,9 @@ from .fast_transformer import fast_transformer
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# A sanity bound on images per call; the 32-bit index bound (checks.check_index_range) is
+# usually the tighter one at high resolutions.
+MAX_IMAGES_PER_PROMPT = 64
 
 
 @dataclass
@@ -101,6 +109,22 @@ class _SharpeningSigmas:
         return torch.empty(1).uniform_(self._low, self._high, generator=self._generator).item()
 
 
+def _nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
+    """A 0-d device bool: whether `x` holds NaN/Inf. Kept on the device (no host sync per step);
+    `_check_steps_finite` reads a stage's flags once, at its end."""
+    return torch.logical_not(torch.isfinite(x).all())
+
+
+def _check_steps_finite(flags: list[torch.Tensor], stage_name: str) -> None:
+    """NonFiniteLatentsError naming the stage and its first step whose latents hold NaN/Inf."""
+    if not flags:
+        return
+    bad = torch.stack(flags).nonzero()
+    if bad.numel():
+        step = int(bad[0, 0])
+        raise NonFiniteLatentsError(f"after step {step + 1} of {len(flags)} of {stage_name}")
+
+
 def _unique_seed() -> int:
     # Not torch.seed(): that would re-seed the global RNG.
     return secrets.randbits(63)
@@ -127,16 +151,17 @@ class HiFlowPipeline:
         load_text_encoders: bool = True,
     ) -> "HiFlowPipeline":
         """Load a diffusers-format Flux folder (transformer/, vae/, scheduler/; text encoders
-        and tokenizers optional). Only local files are read (safetensors)."""
+        and tokenizers optional). Only local files are read (safetensors; pickled weights are
+        refused). The device, the dtype (a torch.dtype or its name) and the folder's files are
+        checked before any weights are read."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-        root = os.fspath(model_dir)
-        for sub in ("transformer", "vae", "scheduler"):
-            if not os.path.isdir(os.path.join(root, sub)):
-                raise HiFlowModelError(
-                    f"model folder {root!r} has no {sub}/ subfolder; expected a diffusers-format Flux "
-                    "folder with transformer/, vae/ and scheduler/"
-                )
+        device = check_device(device, "device")
+        torch_dtype = check_dtype(torch_dtype, "torch_dtype")
+        if not isinstance(load_text_encoders, bool):
+            raise HiFlowInputError("load_text_encoders", load_text_encoders, "True or False")
+        root = os.fspath(model_dir) if isinstance(model_dir, (str, os.PathLike)) else model_dir
+        check_model_dir(root, "model_dir")
         try:
             transformer = FluxTransformer2DModel.from_pretrained(
                 root, subfolder="transformer", torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True
@@ -194,24 +219,7 @@ class HiFlowPipeline:
         if prompt is not None and prompt_embeds is not None:
             raise HiFlowInputError("prompt", prompt, "either a prompt or prompt_embeds, not both")
         if prompt is None:
-            if prompt_embeds is None or pooled_prompt_embeds is None:
-                raise HiFlowInputError(
-                    "prompt_embeds", prompt_embeds, "a prompt, or both prompt_embeds and pooled_prompt_embeds"
-                )
-            cfg = self.transformer.config
-            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.joint_attention_dim:
-                raise HiFlowInputError(
-                    "prompt_embeds", tuple(prompt_embeds.shape), f"shape [B, T, {cfg.joint_attention_dim}]"
-                )
-            if pooled_prompt_embeds.shape != (prompt_embeds.shape[0], cfg.pooled_projection_dim):
-                raise HiFlowInputError(
-                    "pooled_prompt_embeds",
-                    tuple(pooled_prompt_embeds.shape),
-                    f"shape [{prompt_embeds.shape[0]}, {cfg.pooled_projection_dim}]",
-                )
-            for name, t in (("prompt_embeds", prompt_embeds), ("pooled_prompt_embeds", pooled_prompt_embeds)):
-                if not bool(torch.isfinite(t).all()):
-                    raise HiFlowInputError(name, "tensor with NaN/Inf", "finite values")
+            # Checked by _check_call_arguments.
             embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
             pooled = pooled_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
             return embeds, pooled
@@ -230,6 +238,96 @@ class HiFlowPipeline:
 
     def _postprocess(self, image: torch.Tensor, output_type: str):
         return self.image_processor.postprocess(image.float(), output_type=output_type)
+
+    def _check_call_arguments(
+        self, prompt, config, prompt_embeds, pooled_prompt_embeds, seed, generator, num_images_per_prompt, latents,
+        stage_noises, output_type, return_stage_images, backend, attention, compile, callback, progress,
+    ) -> HiFlowConfig:
+        """Every check that needs no denoising step, made before the first one; returns the
+        config to use."""
+        if config is None:
+            config = HiFlowConfig()
+        elif not isinstance(config, HiFlowConfig):
+            raise HiFlowInputError(
+                "config",
+                type(config).__name__,
+                "a HiFlowConfig (from a dict: HiFlowConfig(**d), or HiFlowConfig.from_official_kwargs(d))",
+            )
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise HiFlowInputError("output_type", output_type, f"one of {', '.join(map(repr, OUTPUT_TYPES))}")
+        count = as_int(num_images_per_prompt)
+        if count is None or not 1 <= count <= MAX_IMAGES_PER_PROMPT:
+            raise HiFlowInputError("num_images_per_prompt", num_images_per_prompt, f"an integer from 1 to {MAX_IMAGES_PER_PROMPT}")
+        if seed is not None:
+            value = as_int(seed)
+            if value is None or not 0 <= value < 2**63:
+                raise HiFlowInputError("seed", seed, "an integer from 0 to 2**63 - 1")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise HiFlowInputError("generator", type(generator).__name__, "a torch.Generator or None")
+            if seed is not None:
+                raise HiFlowInputError(
+                    "generator", generator, "None when seed is given: pass either seed or generator (its initial seed is reported)"
+                )
+        for name, value in (("return_stage_images", return_stage_images), ("compile", compile), ("progress", progress)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise HiFlowInputError(name, value, "True or False")
+        if callback is not None and not callable(callback):
+            raise HiFlowInputError("callback", callback, "a function taking a StageStart or StepEnd, or None")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise HiFlowInputError("latents", type(latents).__name__, "a torch.Tensor [B, C, h, w] or None")
+        if stage_noises is not None:
+            if isinstance(stage_noises, torch.Tensor) or not isinstance(stage_noises, (list, tuple)):
+                raise HiFlowInputError("stage_noises", type(stage_noises).__name__, "a list of torch.Tensor, one per high-res stage")
+            if len(stage_noises) != len(config.stages) or not all(isinstance(t, torch.Tensor) for t in stage_noises):
+                raise HiFlowInputError(
+                    "stage_noises", f"{len(stage_noises)} items", f"one torch.Tensor per high-res stage ({len(config.stages)})"
+                )
+        # Prompt / embeddings.
+        if prompt is not None:
+            if prompt_embeds is not None or pooled_prompt_embeds is not None:
+                raise HiFlowInputError("prompt", prompt, "either a prompt or prompt_embeds + pooled_prompt_embeds, not both")
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
+                raise HiFlowInputError("prompt", prompt, "a string or a non-empty list of strings")
+            prompts = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            if prompt_embeds is None and pooled_prompt_embeds is None:
+                raise HiFlowInputError("prompt", None, "a prompt, or prompt_embeds together with pooled_prompt_embeds")
+            cfg = self.transformer.config
+            check_prompt_embeds(
+                prompt_embeds,
+                pooled_prompt_embeds,
+                joint_attention_dim=cfg.joint_attention_dim,
+                pooled_projection_dim=cfg.pooled_projection_dim,
+                max_sequence_length=config.max_sequence_length,
+            )
+            prompts = prompt_embeds.shape[0]
+        batch = prompts * count
+        base_hw = L.latent_hw(config.height, config.width)
+        if latents is not None:
+            shape = (batch, self.latent_channels, *base_hw)
+            if tuple(latents.shape) != shape:
+                raise HiFlowInputError("latents", tuple(latents.shape), f"unpacked base noise of shape {list(shape)}")
+        if stage_noises is not None:
+            for k, (stage, noise) in enumerate(zip(config.stages, stage_noises)):
+                h, w = L.latent_hw(stage.height, stage.width)
+                packed = (batch, (h // 2) * (w // 2), 4 * self.latent_channels)
+                if tuple(noise.shape) != packed:
+                    raise HiFlowInputError(f"stage_noises[{k}]", tuple(noise.shape), f"packed shape {list(packed)}")
+        # The largest stage bounds the batch: its hidden state must stay 32-bit addressable.
+        last = config.stages[-1] if config.stages else config
+        hw = L.latent_hw(last.height, last.width)
+        padded = 2 if config.swin_patchify and config.stages else 0
+        tokens = ((hw[0] + padded) // 2) * ((hw[1] + padded) // 2) + config.max_sequence_length
+        cfg = self.transformer.config
+        check_index_range(
+            "num_images_per_prompt", batch, tokens, cfg.num_attention_heads * cfg.attention_head_dim,
+            f"{last.height}x{last.width}",
+        )
+        # Backends: resolved here so that an unknown or unavailable one is refused before any step.
+        resolve_backend(backend, device=self.device, field="backend")
+        resolve_backend_name(attention)
+        return config
 
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -260,8 +358,8 @@ class HiFlowPipeline:
                 text encoders).
             config: the stage plan and every HiFlow setting (default: the official 1K->2K->4K).
             seed: seeds a private CPU generator for all noise and the "seeded" sharpening
-                sigmas; same seed and settings, same output. `generator` may be given instead
-                (its initial seed then seeds the sharpening draws).
+                sigmas; same seed and settings, same output. `generator` may be given instead,
+                not together (its initial seed then seeds the sharpening draws and is reported).
             latents: the base noise, unpacked [B, C, h, w] (drawn from the generator if None).
             stage_noises: the re-noising noise of each high-res stage, packed [B, N, 4C].
             output_type: "pil", "np", "pt" or "latent" (no decode; `images` is None).
@@ -273,18 +371,21 @@ class HiFlowPipeline:
                 graph per stage and swin shape. Same latents as eager, after a warm-up.
             callback: called with a StageStart or StepEnd after each stage entry and step.
             progress: show one progress bar per stage.
+
+        Every argument is checked before the first step (HiFlowInputError naming it; see
+        README "Errors"). NaN/Inf in the latents raises NonFiniteLatentsError naming the stage
+        and step; running out of memory, StageOutOfMemoryError naming the stage.
         """
-        config = config or HiFlowConfig()
-        if output_type not in OUTPUT_TYPES:
-            raise HiFlowInputError("output_type", output_type, f"one of {', '.join(map(repr, OUTPUT_TYPES))}")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise HiFlowInputError("num_images_per_prompt", num_images_per_prompt, "an integer >= 1")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise HiFlowInputError("seed", seed, "an integer from 0 to 2**63 - 1")
+        config = self._check_call_arguments(
+            prompt, config, prompt_embeds, pooled_prompt_embeds, seed, generator, num_images_per_prompt, latents,
+            stage_noises, output_type, return_stage_images, backend, attention, compile, callback, progress,
+        )
+        seed = as_int(seed) if seed is not None else None
+        num_images_per_prompt = as_int(num_images_per_prompt)
         if generator is None:
             seed = _unique_seed() if seed is None else seed
             generator = torch.Generator(device="cpu").manual_seed(seed)
-        elif seed is None:
+        else:
             seed = generator.initial_seed()
         sigmas_for_sharpening = _SharpeningSigmas(config, seed)
 
@@ -320,61 +421,74 @@ class HiFlowPipeline:
         stage_images: list[Any] = []
         proportional = config.proportional_attention or config.official_compat
 
-        with fast_transformer(
-            self.transformer, proportional=proportional, attention=attention, kernels=backend, compile=compile
-        ) as patch:
-            patch.use_base()
-            x, hw = self._run_base_stage(
-                x, base_hw, schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress
-            )
-            self._forget_unneeded(x0_by_index, stage_starts, 0)
-            L.check_finite(x, "after the base stage")
-            with V.vae_tiling(self.vae, True):  # the official pipeline tiles the VAE after the base stage
-                prev_image = None
-                for k, stage in enumerate(config.stages, start=1):
-                    size = (stage.height, stage.width)
-                    guidance, prev_image = V.guidance_latents(
-                        self.vae,
-                        x,
-                        hw,
-                        size,
-                        sigma=sigmas_for_sharpening.next(),
-                        kernel_size=config.sharpening_kernel_size,
-                        amount=config.sharpening_amount,
-                    )
-                    if return_stage_images:
-                        stage_images.append(self._finish_image(prev_image, hw, self._stage_hw(config, k - 1), config, output_type))
-                    guidance = guidance.to(dtype)
-                    start = stage_starts[k - 1]
-                    if stage_noises is not None:
-                        noise = stage_noises[k - 1].to(device=device, dtype=dtype)
-                        if noise.shape != guidance.shape:
-                            raise HiFlowInputError(
-                                f"stage_noises[{k - 1}]", tuple(noise.shape), f"packed shape {list(guidance.shape)}"
-                            )
-                    else:
-                        from diffusers.utils.torch_utils import randn_tensor
+        stage_name = "the setup"
+        try:
+            with fast_transformer(
+                self.transformer, proportional=proportional, attention=attention, kernels=backend, compile=compile
+            ) as patch:
+                patch.use_base()
+                stage_name = f"the base stage ({config.height}x{config.width})"
+                nonfinite: list[torch.Tensor] = []
+                x, hw = self._run_base_stage(
+                    x, base_hw, schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress, nonfinite
+                )
+                self._forget_unneeded(x0_by_index, stage_starts, 0)
+                _check_steps_finite(nonfinite, stage_name)
+                with V.vae_tiling(self.vae, True):  # the official pipeline tiles the VAE after the base stage
+                    prev_image = None
+                    for k, stage in enumerate(config.stages, start=1):
+                        stage_name = f"high-res stage {k} of {len(config.stages)} ({stage.height}x{stage.width})"
+                        size = (stage.height, stage.width)
+                        guidance, prev_image = V.guidance_latents(
+                            self.vae,
+                            x,
+                            hw,
+                            size,
+                            sigma=sigmas_for_sharpening.next(),
+                            kernel_size=config.sharpening_kernel_size,
+                            amount=config.sharpening_amount,
+                        )
+                        if return_stage_images:
+                            stage_images.append(self._finish_image(prev_image, hw, self._stage_hw(config, k - 1), config, output_type))
+                        guidance = guidance.to(dtype)
+                        start = stage_starts[k - 1]
+                        if stage_noises is not None:
+                            noise = stage_noises[k - 1].to(device=device, dtype=dtype)
+                            if noise.shape != guidance.shape:
+                                raise HiFlowInputError(
+                                    f"stage_noises[{k - 1}]", tuple(noise.shape), f"packed shape {list(guidance.shape)}"
+                                )
+                        else:
+                            from diffusers.utils.torch_utils import randn_tensor
 
-                        noise = randn_tensor(guidance.shape, generator=generator, device=device, dtype=dtype)
-                    sigma_start = schedule.sigmas[start].to(device)
-                    x = renoise(guidance, noise, sigma_start).to(dtype)
-                    if callback is not None:
-                        callback(StageStart(k, guidance, x, float(sigma_start)))
-                    patch.use_highres(stage.ntk_factor)
-                    x, hw = self._run_highres_stage(
-                        k, x, stage, start, schedule, embeds, pooled, txt_ids, config, x0_by_index,
-                        sigmas_for_sharpening, backend, callback, progress,
-                    )
-                    self._forget_unneeded(x0_by_index, stage_starts, k)
-                    L.check_finite(x, f"after high-res stage {k}")
-                final_target = self._stage_hw(config, len(config.stages))
-                images = None
-                if output_type != "latent" or return_stage_images:
-                    image = V.decode(self.vae, x, hw)
-                    if return_stage_images:
-                        stage_images.append(self._finish_image(image, hw, final_target, config, output_type))
-                    if output_type != "latent":
-                        images = self._finish_image(image, hw, final_target, config, output_type)
+                            noise = randn_tensor(guidance.shape, generator=generator, device=device, dtype=dtype)
+                        sigma_start = schedule.sigmas[start].to(device)
+                        x = renoise(guidance, noise, sigma_start).to(dtype)
+                        if callback is not None:
+                            callback(StageStart(k, guidance, x, float(sigma_start)))
+                        patch.use_highres(stage.ntk_factor)
+                        nonfinite = []
+                        x, hw = self._run_highres_stage(
+                            k, x, stage, start, schedule, embeds, pooled, txt_ids, config, x0_by_index,
+                            sigmas_for_sharpening, backend, callback, progress, nonfinite,
+                        )
+                        self._forget_unneeded(x0_by_index, stage_starts, k)
+                        _check_steps_finite(nonfinite, stage_name)
+                    final_target = self._stage_hw(config, len(config.stages))
+                    images = None
+                    if output_type != "latent" or return_stage_images:
+                        stage_name = "the final VAE decode"
+                        image = V.decode(self.vae, x, hw)
+                        if return_stage_images:
+                            stage_images.append(self._finish_image(image, hw, final_target, config, output_type))
+                        if output_type != "latent":
+                            images = self._finish_image(image, hw, final_target, config, output_type)
+        except Exception as exc:
+            # Out of memory is reported with the stage it happened in (one line, no traceback).
+            if is_out_of_memory(exc) and not isinstance(exc, StageOutOfMemoryError):
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise StageOutOfMemoryError(stage_name, device, detail) from exc
+            raise
         return HiFlowOutput(images=images, latents=x, latent_hw=hw, seed=seed, stage_images=stage_images)
 
     @staticmethod
@@ -415,7 +529,9 @@ class HiFlowPipeline:
             return_dict=False,
         )[0]
 
-    def _run_base_stage(self, x, hw, schedule: Schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress):
+    def _run_base_stage(
+        self, x, hw, schedule: Schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress, nonfinite
+    ):
         device = x.device
         img_ids = L.image_ids(*hw, device=device, dtype=x.dtype)
         guidance = None
@@ -429,13 +545,14 @@ class HiFlowPipeline:
             pred_x0 = sample - v * sigmas[i]
             x = (sample + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
             x0_by_index[i] = (pred_x0, hw)
+            nonfinite.append(_nonfinite_flag(x))
             if callback is not None:
                 callback(StepEnd(0, i, i, hw, x, pred_x0))
         return x, hw
 
     def _run_highres_stage(
         self, k, x, stage, start, schedule: Schedule, embeds, pooled, txt_ids, config: HiFlowConfig,
-        x0_by_index, sharpening_sigmas, backend, callback, progress,
+        x0_by_index, sharpening_sigmas, backend, callback, progress, nonfinite,
     ):
         device = x.device
         hw = L.latent_hw(stage.height, stage.width)
@@ -505,6 +622,7 @@ class HiFlowPipeline:
             )
             x, state = out.prev_sample, out.state
             x0_by_index[index] = (out.pred_x0, hw)
+            nonfinite.append(_nonfinite_flag(x))
             if callback is not None:
                 callback(StepEnd(k, i, index, hw, x, out.pred_x0))
         return x, hw

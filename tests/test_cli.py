@@ -46,7 +46,7 @@ def test_no_silent_overwrite(tmp_path, capsys):
         (["--size", "big"], "--size"),
         (["--target-sizes", "192x100"], "multiple of 16"),
         (["--target-sizes", "96x96"], "grows"),
-        (["--highres-steps", "4"], "at most num_inference_steps"),
+        (["--highres-steps", "4"], "at most --steps=3"),
         (["--highres-steps", "2,2"], "--highres-steps"),
         (["--alphas", "1,0.5"], "--alphas"),
         (["--ntk", "ten"], "--ntk"),
@@ -99,8 +99,9 @@ def test_nan_in_latents_is_a_clear_error(tmp_path, capsys, tiny_model_dir):
 
 
 def test_console_script_default_run(tmp_path):
-    exe = shutil.which("hiflow-fast")
-    cmd = [exe] if exe else [sys.executable, "-m", "hiflow_fast.cli"]
+    # The console script of this interpreter's environment (not another one on PATH).
+    exe = os.path.join(os.path.dirname(sys.executable), "hiflow-fast")
+    cmd = [exe] if os.path.isfile(exe) else [sys.executable, "-m", "hiflow_fast.cli"]
     loud = [a for a in FAST if a != "--quiet"]
     result = subprocess.run([*cmd, "generate", *loud, "--seed", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -111,3 +112,94 @@ def test_console_script_default_run(tmp_path):
 def test_bench_unknown_name(capsys):
     assert main(["bench", "no-such-bench"]) == 2
     assert "bench" in capsys.readouterr().err
+
+
+def _batch_embeds(tmp_path, tiny_model_dir, batch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(tiny_model_dir, "prompt_embeds.safetensors"))
+    path = tmp_path / "batch.safetensors"
+    save_file({k: torch.cat([v] * batch) for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_every_image_of_a_batch_is_saved(tmp_path, tiny_model_dir):
+    embeds = _batch_embeds(tmp_path, tiny_model_dir, 2)
+    out = tmp_path / "img.png"
+    assert main(["generate", *FAST, "--seed", "3", "--prompt-embeds", str(embeds), "--output", str(out), "--save-stages"]) == 0
+    assert sorted(os.listdir(tmp_path)) == [
+        "batch.safetensors", "img_0.png", "img_0_stage0.png", "img_0_stage1.png", "img_1.png", "img_1_stage0.png", "img_1_stage1.png",
+    ]
+    meta = json.loads(Image.open(tmp_path / "img_1.png").text["parameters"])
+    assert meta["batch_index"] == 1 and meta["batch_size"] == 2
+    for key in ("hiflow_fast_version", "device", "dtype", "backend", "attention", "compile", "torch_version", "diffusers_version"):
+        assert key in meta
+    assert meta["backend"] == "ref" and meta["attention"] == "sdpa" and meta["device"] == "cpu"
+
+
+@pytest.mark.parametrize("error, code", [(OSError(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
+def test_a_failure_while_writing_leaves_nothing_and_the_rerun_works(tmp_path, capsys, monkeypatch, error, code):
+    import hiflow_fast.cli as cli
+
+    real = cli._png_writer
+    calls = []
+
+    def failing_writer(image, metadata):
+        write = real(image, metadata)
+
+        def maybe_fail(tmp):
+            calls.append(tmp)
+            if len(calls) == 2:  # the second file: stage 0 is already written
+                raise error
+            write(tmp)
+
+        return maybe_fail
+
+    monkeypatch.setattr(cli, "_png_writer", failing_writer)
+    args = ["generate", *FAST, "--seed", "4", "--output", str(tmp_path / "img.png"), "--save-stages"]
+    assert main(args) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+    assert code != 2 or (err[0].startswith("error: --output=") and "No space left" in err[0])
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(cli, "_png_writer", real)
+    assert main(args) == 0
+    assert sorted(os.listdir(tmp_path)) == ["img.png", "img_stage0.png", "img_stage1.png"]
+
+
+def test_one_value_applies_to_every_stage_and_defaults_follow_the_stage_count(tmp_path):
+    out = tmp_path / "img.png"
+    args = ["generate", "--size", "64x64", "--steps", "2", "--target-sizes", "96x96,128x128,160x160", "--alphas", "0.5", "--quiet"]
+    assert main([*args, "--output", str(out), "--seed", "1"]) == 0
+    meta = json.loads(Image.open(out).text["parameters"])
+    assert meta["alphas"] == [0.5, 0.5, 0.5]
+    assert meta["betas"] == [0.5, 0.5, 0.5] and meta["ntk_factor"] == [10.0, 10.0, 10.0]
+    assert meta["num_inference_steps_highres"] == [2, 2, 2]  # the preset's 4,3 capped at --steps
+    assert meta["size"] == "64x64" and meta["target_sizes"] == ["96x96", "128x128", "160x160"]
+
+
+def test_help_shows_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{auto,triton,ref}" in text and "{fft,dwt}" in text and "(default: float32)" in text
+    assert "(default: hiflow.png)" in text and "(default: off)" in text
+
+
+def test_version(capsys):
+    from hiflow_fast import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"hiflow-fast {__version__}"
+
+
+def test_bench_options_without_a_name_run_the_suite(monkeypatch):
+    import hiflow_fast.bench.bench_all as bench_all
+
+    seen = []
+    monkeypatch.setattr(bench_all, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["bench", "--device", "cpu"]) == 0
+    assert seen == [["--device", "cpu"]]

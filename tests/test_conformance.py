@@ -102,8 +102,9 @@ def test_stage_entry_and_renoising(golden, tiny_pipe):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "backend, attention",
-    [("ref", "sdpa"), ("triton", "triton")],  # Triton kernels through the CPU interpreter here
-    ids=["ref-sdpa", "triton-triton"],
+    # Triton kernels through the CPU interpreter here; native: csrc/'s guidance ops
+    [("ref", "sdpa"), ("triton", "triton"), ("native", "sdpa")],
+    ids=["ref-sdpa", "triton-triton", "native-sdpa"],
 )
 def test_public_case_end_to_end(golden, tiny_pipe, backend, attention):
     case, params, _ = golden

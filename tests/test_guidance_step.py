@@ -1,8 +1,8 @@
-"""The guidance step (`hiflow_fast.guidance.guidance_step`) on both backends.
+"""The guidance step (`hiflow_fast.guidance.guidance_step`) on every backend (ref, triton, native).
 
 * backend equivalence on fresh random inputs (fft and dwt, swin pad/crop, batch 2, non-square,
   bf16) against the plain reference `guidance_step_ref` with explicit pad/crop copies;
-* every recorded high-res step of the public golden case, through both backends;
+* every recorded high-res step of the public golden case, through every backend;
 * torch.compile(fullgraph=True) captures the step whole (a graph break raises);
 * the backend choice (argument > $HIFLOW_BACKEND > auto) and input validation.
 The triton backend runs through Triton's interpreter on a CPU; GPU-only checks are marked `gpu`.
@@ -18,7 +18,7 @@ from hiflow_fast.backend import ENV_VAR, resolve_backend
 from hiflow_fast.errors import HiFlowInputError
 from hiflow_fast.guidance import GuidanceStepOutput, VelocityState, guidance_step, guidance_step_ref
 
-BACKENDS = ["ref", "triton"]
+BACKENDS = ["ref", "triton", "native"]
 HW, REF_HW = (10, 14), (6, 8)
 STEP = dict(sigma=0.58, sigma_next=0.43, alpha=0.7, beta=0.35, filter_ratio=0.3)
 
@@ -133,12 +133,13 @@ def test_bf16_latents(backend):
     assert rel_l2(got.state.v, want.state.v) <= 1e-5 and rel_l2(got.state.v_ref, want.state.v_ref) <= 1e-5
 
 
-def test_triton_updates_a_state_on_the_next_grid_in_place():
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_kernels_update_a_state_on_the_next_grid_in_place(backend):
     inputs = make_inputs(PAD, seed=4)
     want = oracle(*inputs, next_hw=PAD, **STEP)
     sample, model_output, ref_x0, state = inputs
     v_before = state.v
-    got = guidance_step(sample, model_output, ref_x0, hw=HW, ref_hw=REF_HW, state=state, backend="triton", next_hw=PAD, **STEP)
+    got = guidance_step(sample, model_output, ref_x0, hw=HW, ref_hw=REF_HW, state=state, backend=backend, next_hw=PAD, **STEP)
     assert got.state.v is v_before  # the persistent buffer was reused
     assert_outputs_close(got, want)
 
@@ -319,8 +320,9 @@ def test_bad_input_is_a_clear_error(overrides, field):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("structure_guidance", ["fft", "dwt"])
-def test_gpu_triton_matches_reference_at_4k(structure_guidance):
+def test_gpu_kernels_match_reference_at_4k(structure_guidance, backend):
     g = torch.Generator().manual_seed(0)
     hw, ref_hw, pad = (512, 512), (258, 258), (514, 514)
 
@@ -331,7 +333,7 @@ def test_gpu_triton_matches_reference_at_4k(structure_guidance):
     state = VelocityState(p(hw), p(hw), hw)
     kwargs = dict(hw=hw, ref_hw=ref_hw, next_hw=pad, structure_guidance=structure_guidance, **STEP)
     want = guidance_step(sample, model_output, ref_x0, state=clone_state(state), backend="ref", **kwargs)
-    got = guidance_step(sample, model_output, ref_x0, state=clone_state(state), backend="triton", **kwargs)
+    got = guidance_step(sample, model_output, ref_x0, state=clone_state(state), backend=backend, **kwargs)
     assert_outputs_close(got, want)
 
 

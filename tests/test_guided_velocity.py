@@ -1,5 +1,7 @@
-"""hiflow_fast::guided_velocity (kernels/guided_velocity.py): direction + acceleration + Euler in
-one pass, written straight onto the next step's swin grid.
+"""hiflow_fast::guided_velocity (kernels/guided_velocity.py) and its native twin
+hiflow_fast_native::guided_velocity (csrc/): direction + acceleration + Euler in one pass, written
+straight onto the next step's swin grid. Every test runs on both implementations
+(`guidance_ops`, conftest.py).
 
 Oracle: hiflow_fast.ref (bicubic reference, guided_velocity_update) on unpacked copies, with the
 previous state moved onto the current grid and the outputs moved onto the next grid by the
@@ -18,7 +20,6 @@ from hiflow_fast.ref.guided_velocity import guided_velocity_update
 from hiflow_fast.ref.reference_flow import latent_reference
 
 load_triton_ops()
-OPS = torch.ops.hiflow_fast
 SIGMA, SIGMA_NEXT, BETA = 0.55, 0.41, 0.3
 
 
@@ -59,21 +60,21 @@ def oracle(sample, pred_x0, lowpass, ref_x0, state, hw, ref_hw, out_hw, dtype=to
     return tuple(move(L.pack(t), hw, out_hw) for t in (x_next, v, v_ref))
 
 
-def run_op(sample, pred_x0, lowpass, ref_x0, state, ref_hw, out_hw, *, in_place=False, out_dtype=None):
+def run_op(ops, sample, pred_x0, lowpass, ref_x0, state, ref_hw, out_hw, *, in_place=False, out_dtype=None):
     b, _, features = sample.shape
     shape = (b, (out_hw[0] // 2) * (out_hw[1] // 2), features)
-    x_next = torch.full(shape, float("nan"), dtype=out_dtype or sample.dtype)  # poisoned
+    x_next = torch.full(shape, float("nan"), dtype=out_dtype or sample.dtype, device=sample.device)  # poisoned
     if in_place:
         assert tuple(state.hw) == tuple(out_hw)
         v, v_ref = state.v.clone(), state.v_ref.clone()
         mode, v_prev, v_ref_prev, state_hw = 2, None, None, out_hw
     else:
-        v, v_ref = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+        v, v_ref = (torch.full(shape, float("nan"), device=sample.device) for _ in range(2))
         if state is None:
             mode, v_prev, v_ref_prev, state_hw = 0, None, None, out_hw
         else:
             mode, v_prev, v_ref_prev, state_hw = 1, state.v, state.v_ref, state.hw
-    OPS.guided_velocity(
+    ops.guided_velocity(
         sample, pred_x0, lowpass, ref_x0, v_prev, v_ref_prev,
         ref_hw[0], ref_hw[1], state_hw[0], state_hw[1], out_hw[0], out_hw[1],
         SIGMA, SIGMA_NEXT, BETA, mode, x_next, v, v_ref,
@@ -110,9 +111,9 @@ GRIDS = [
 
 
 @pytest.mark.parametrize("state_hw, out_hw", GRIDS)
-def test_guided_velocity_fp32_matches_reference(state_hw, out_hw):
+def test_guided_velocity_fp32_matches_reference(guidance_ops, state_hw, out_hw):
     case = make_case(2, 4, HW, REF_HW, state_hw, seed=GRIDS.index((state_hw, out_hw)))
-    got = run_op(*case, REF_HW, out_hw)
+    got = run_op(guidance_ops, *case, REF_HW, out_hw)
     want = oracle(*case, HW, REF_HW, out_hw)
     for name, g, w in zip(("x_next", "v", "v_ref"), got, want):
         assert not torch.isnan(g).any(), f"{name} has unwritten elements"
@@ -124,30 +125,30 @@ def test_guided_velocity_fp32_matches_reference(state_hw, out_hw):
 
 
 @pytest.mark.parametrize("state_hw", [HW, PAD, CROP])
-def test_guided_velocity_updates_state_in_place(state_hw):
+def test_guided_velocity_updates_state_in_place(guidance_ops, state_hw):
     """prev_mode 2: the state already on the output grid is read and overwritten in place."""
     case = make_case(1, 3, HW, REF_HW, state_hw, seed=11)
-    got = run_op(*case, REF_HW, state_hw, in_place=True)
+    got = run_op(guidance_ops, *case, REF_HW, state_hw, in_place=True)
     want = oracle(*case, HW, REF_HW, state_hw)
     for g, w in zip(got, want):
         assert rel_l2(g, w) <= 1e-5
 
 
-def test_first_step_has_no_acceleration_term():
+def test_first_step_has_no_acceleration_term(guidance_ops):
     """With no state the result must differ from a step that has one (the term is really used)."""
     case = make_case(1, 2, HW, REF_HW, HW, seed=5)
-    with_state = run_op(*case, REF_HW, HW)[1]
-    without = run_op(*case[:4], None, REF_HW, HW)[1]
+    with_state = run_op(guidance_ops, *case, REF_HW, HW)[1]
+    without = run_op(guidance_ops, *case[:4], None, REF_HW, HW)[1]
     assert rel_l2(with_state, without) > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_guided_velocity_low_precision_inputs(dtype):
+def test_guided_velocity_low_precision_inputs(guidance_ops, dtype):
     """bf16/fp16 latents: fp32 math inside, x_next rounded once to the dtype. Its error against
     the fp64 truth is at most 2x that of the same result computed by PyTorch and then rounded
     to the dtype (the unavoidable output rounding); v and v_ref stay fp32."""
     case = make_case(2, 4, HW, REF_HW, HW, dtype=dtype, seed=21)
-    x_next, v, v_ref = run_op(*case, REF_HW, PAD, out_dtype=dtype)
+    x_next, v, v_ref = run_op(guidance_ops, *case, REF_HW, PAD, out_dtype=dtype)
     assert x_next.dtype == dtype and v.dtype == torch.float32
     truth = oracle(*case, HW, REF_HW, PAD, dtype=torch.float64)
     torch_at_dtype = oracle(*case, HW, REF_HW, PAD)[0].to(dtype)

@@ -39,3 +39,25 @@ def test_diffusers_imports_from_the_repository_root():
     result = _python(code, REPO_DIR)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "None" or REPO_DIR not in result.stdout
+
+
+def test_source_tree_maps_kernels_and_bench():
+    # From the repository root (`python -m pytest`, `python -m hiflow_fast.conformance`) the source
+    # folder hiflow_fast/ is imported; it maps exactly hiflow_fast.kernels and hiflow_fast.bench.
+    code = (
+        "import os, hiflow_fast, hiflow_fast.kernels.flash_attention as fa, hiflow_fast.bench.common as bc\n"
+        "import importlib.util\n"
+        "print(os.path.realpath(hiflow_fast.__file__))\n"
+        "print(os.path.realpath(fa.__file__))\n"
+        "print(os.path.realpath(bc.__file__))\n"
+        "print(importlib.util.find_spec('hiflow_fast.tests') is None)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr
+    package, kernel, bench, nothing_else = result.stdout.split()
+    root = os.path.realpath(REPO_DIR)
+    assert package == os.path.join(root, "hiflow_fast", "__init__.py")
+    assert kernel == os.path.join(root, "kernels", "flash_attention.py")
+    assert bench == os.path.join(root, "bench", "common.py")
+    assert nothing_else == "True"

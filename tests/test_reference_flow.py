@@ -1,6 +1,8 @@
-"""hiflow_fast::reference_flow (kernels/reference_flow.py) against the plain-PyTorch reference:
-x0 = x - sigma * v (packed) and bicubic(ref) - x0 (unpacked), bicubic = F.interpolate(bicubic,
-align_corners=False). Runs through Triton's interpreter on a CPU."""
+"""hiflow_fast::reference_flow (kernels/reference_flow.py) and hiflow_fast_native::reference_flow
+(csrc/) against the plain-PyTorch reference: x0 = x - sigma * v (packed) and bicubic(ref) - x0
+(unpacked), bicubic = F.interpolate(bicubic, align_corners=False). Every test runs on both
+implementations (the `guidance_ops` fixture of conftest.py); Triton through its interpreter on
+a CPU."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from hiflow_fast.latents import pack, unpack
 from hiflow_fast.ref.reference_flow import latent_reference
 
 load_triton_ops()
-OPS = torch.ops.hiflow_fast
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -25,11 +26,11 @@ def packed(b: int, hw: tuple[int, int], channels: int, dtype=torch.float32, seed
     return torch.randn(b, (hw[0] // 2) * (hw[1] // 2), 4 * channels, generator=g).to(dtype)
 
 
-def run_kernel(sample, model_output, ref_x0, hw, ref_hw, sigma):
+def run_kernel(ops, sample, model_output, ref_x0, hw, ref_hw, sigma):
     b, _, features = sample.shape
     pred_x0 = torch.full(sample.shape, float("nan"))  # poisoned: unwritten elements show
     diff = torch.full((b, features // 4, *hw), float("nan"))
-    OPS.reference_flow(sample, model_output, ref_x0, ref_hw[0], ref_hw[1], sigma, pred_x0, diff)
+    ops.reference_flow(sample, model_output, ref_x0, ref_hw[0], ref_hw[1], sigma, pred_x0, diff)
     return pred_x0, diff
 
 
@@ -55,18 +56,18 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("batch, channels, hw, ref_hw", SHAPES)
-def test_reference_flow_fp32_matches_reference(batch, channels, hw, ref_hw):
+def test_reference_flow_fp32_matches_reference(guidance_ops, batch, channels, hw, ref_hw):
     sample = packed(batch, hw, channels, seed=1)
     model_output = packed(batch, hw, channels, seed=2)
     ref_x0 = packed(batch, ref_hw, channels, seed=3)
-    pred_x0, diff = run_kernel(sample, model_output, ref_x0, hw, ref_hw, 0.62)
+    pred_x0, diff = run_kernel(guidance_ops, sample, model_output, ref_x0, hw, ref_hw, 0.62)
     want_x0, want_diff = expected(sample, model_output, ref_x0, hw, ref_hw, 0.62)
     assert not torch.isnan(pred_x0).any() and not torch.isnan(diff).any()
     assert rel_l2(pred_x0, want_x0) <= 1e-6
     assert rel_l2(diff, want_diff) <= 1e-5
 
 
-def test_reference_flow_bicubic_borders_are_clamped():
+def test_reference_flow_bicubic_borders_are_clamped(guidance_ops):
     """A reference that is constant except on its border: clamped taps (not zero padding) give a
     constant interior next to a border that follows the reference's edge values."""
     hw, ref_hw = (12, 12), (6, 6)
@@ -74,19 +75,19 @@ def test_reference_flow_bicubic_borders_are_clamped():
     ref[..., 0, :] = 3.0
     ref_x0 = pack(ref.repeat(1, 2, 1, 1))
     zeros = torch.zeros(1, 36, 8)
-    _, diff = run_kernel(zeros, zeros, ref_x0, hw, ref_hw, 0.5)
+    _, diff = run_kernel(guidance_ops, zeros, zeros, ref_x0, hw, ref_hw, 0.5)
     want = torch.nn.functional.interpolate(ref, size=hw, mode="bicubic", align_corners=False)
     torch.testing.assert_close(diff[:, :1], want, rtol=0, atol=2e-6)
     assert torch.allclose(diff[0, 0, -1], torch.ones(12), atol=1e-6)  # far from the hot edge
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reference_flow_low_precision_inputs_use_fp32_math(dtype):
+def test_reference_flow_low_precision_inputs_use_fp32_math(guidance_ops, dtype):
     hw, ref_hw = (10, 14), (6, 8)
     sample = packed(2, hw, 4, dtype, seed=4)
     model_output = packed(2, hw, 4, dtype, seed=5)
     ref_x0 = packed(2, ref_hw, 4, dtype, seed=6)
-    pred_x0, diff = run_kernel(sample, model_output, ref_x0, hw, ref_hw, 0.37)
+    pred_x0, diff = run_kernel(guidance_ops, sample, model_output, ref_x0, hw, ref_hw, 0.37)
     truth_x0, truth_diff = expected(sample, model_output, ref_x0, hw, ref_hw, 0.37, torch.float64)
     # The same math done in PyTorch at the input dtype: the error a low-precision path makes.
     x0_lp = sample - model_output * 0.37

@@ -1,5 +1,8 @@
-"""hiflow_fast::spectral_lowpass_blend (kernels/spectral_lowpass_blend.py): diff <- alpha *
-LP(diff) with the Butterworth mask evaluated inside the kernel on the rfft2 spectrum.
+"""hiflow_fast::spectral_lowpass_blend (kernels/spectral_lowpass_blend.py) and its native twin
+hiflow_fast_native::spectral_lowpass_blend (csrc/): diff <- alpha * LP(diff) with the
+Butterworth mask evaluated inside the kernel on the rfft2 spectrum. Every test runs on both
+implementations (`guidance_ops`, conftest.py); the native mask step is reached through its own
+op, hiflow_fast_native::spectral_lowpass_scale.
 
 Oracles: the rfft-layout mask and low-pass of hiflow_fast.ref, the official two-FFT centred
 blend (fftshift + complex FFT pairs, an independent formulation that checks the odd-size
@@ -16,7 +19,6 @@ from hiflow_fast.ref.butterworth import butterworth_lowpass_mask, butterworth_lo
 from hiflow_fast.ref.spectral_blend import spectral_lowpass, spectral_lowpass_blend_official
 
 load_triton_ops()
-OPS = torch.ops.hiflow_fast
 
 from hiflow_fast.kernels.spectral_lowpass_blend import (  # noqa: E402  (after the interpreter is set up)
     BLOCK_SIZE,
@@ -30,28 +32,31 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).norm() / e.norm().clamp_min(1e-300))
 
 
-def kernel_mask(height: int, width: int, ratio: float, order: int, alpha: float = 1.0, slices: int = 1) -> torch.Tensor:
-    """The gain the kernel applies to each rfft bin: run it on a spectrum of ones (re = im = 1)."""
+def kernel_mask(ops, height: int, width: int, ratio: float, order: int, alpha: float = 1.0, slices: int = 1) -> torch.Tensor:
+    """The gain the kernel of `ops` applies to each rfft bin: run it on a spectrum of ones (re = im = 1)."""
     spectrum = torch.ones(slices, height, width // 2 + 1, 2)
-    bins = height * (width // 2 + 1)
-    grid = (triton.cdiv(bins, BLOCK_SIZE), triton.cdiv(slices, SLICES_PER_PROGRAM))
-    spectral_lowpass_kernel[grid](
-        spectrum, slices, height, width, 1.0 / ratio**2, alpha, ORDER=order, BLOCK=BLOCK_SIZE, SLICES=SLICES_PER_PROGRAM
-    )
+    if ops is torch.ops.hiflow_fast_native:
+        ops.spectral_lowpass_scale(spectrum, height, width, ratio, order, alpha)
+    else:
+        bins = height * (width // 2 + 1)
+        grid = (triton.cdiv(bins, BLOCK_SIZE), triton.cdiv(slices, SLICES_PER_PROGRAM))
+        spectral_lowpass_kernel[grid](
+            spectrum, slices, height, width, 1.0 / ratio**2, alpha, ORDER=order, BLOCK=BLOCK_SIZE, SLICES=SLICES_PER_PROGRAM
+        )
     assert torch.equal(spectrum[..., 0], spectrum[..., 1]), "real and imaginary parts scaled differently"
     return spectrum[..., 0]
 
 
 @pytest.mark.parametrize("height, width", [(16, 16), (9, 12), (15, 7), (8, 5), (66, 66)])
 @pytest.mark.parametrize("ratio, order", [(0.2, 4), (0.5, 2), (1.3, 1)])
-def test_in_kernel_mask_equals_reference_rfft_mask(height, width, ratio, order):
-    got = kernel_mask(height, width, ratio, order, slices=3)
+def test_in_kernel_mask_equals_reference_rfft_mask(guidance_ops, height, width, ratio, order):
+    got = kernel_mask(guidance_ops, height, width, ratio, order, slices=3)
     want = butterworth_lowpass_mask_rfft(height, width, ratio, order)
     for s in range(3):  # every slice gets the same mask (the mask is computed once per bin)
         torch.testing.assert_close(got[s], want, rtol=0, atol=2e-6)
 
 
-def test_in_kernel_mask_matches_recorded_official_masks(golden):
+def test_in_kernel_mask_matches_recorded_official_masks(guidance_ops, golden):
     """The official centred masks recorded by the golden run (full or reduced copy), moved to
     the unshifted rfft layout."""
     case, params, _ = golden
@@ -64,7 +69,7 @@ def test_in_kernel_mask_matches_recorded_official_masks(golden):
             centred = step["freq_filter"]
             h, w = centred.shape
             unshifted = torch.fft.ifftshift(centred, dim=(-2, -1))[:, : w // 2 + 1]
-            torch.testing.assert_close(kernel_mask(h, w, ratio, 4)[0], unshifted, rtol=0, atol=2e-6)
+            torch.testing.assert_close(kernel_mask(guidance_ops, h, w, ratio, 4)[0], unshifted, rtol=0, atol=2e-6)
             seen.add((h, w))
     assert {(66, 66), (64, 64), (130, 130)} <= seen  # padded and unpadded grids of both stages
 
@@ -80,17 +85,17 @@ SHAPES = [
 
 @pytest.mark.parametrize("batch, channels, height, width", SHAPES)
 @pytest.mark.parametrize("ratio, alpha", [(0.2, 0.7), (0.45, 1.0)])
-def test_lowpass_of_difference_matches_reference(batch, channels, height, width, ratio, alpha):
+def test_lowpass_of_difference_matches_reference(guidance_ops, batch, channels, height, width, ratio, alpha):
     g = torch.Generator().manual_seed(height * 100 + width)
     diff = torch.randn(batch, channels, height, width, generator=g)
     want = alpha * spectral_lowpass(diff, ratio, 4)
     got = diff.clone()
-    OPS.spectral_lowpass_blend(got, ratio, 4, alpha)
+    guidance_ops.spectral_lowpass_blend(got, ratio, 4, alpha)
     assert rel_l2(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("batch, channels, height, width", SHAPES)
-def test_blend_matches_official_two_fft_centred_blend(batch, channels, height, width):
+def test_blend_matches_official_two_fft_centred_blend(guidance_ops, batch, channels, height, width):
     """x0 + alpha * LP(ref - x0) == the official x0 + alpha * (LP(ref) - LP(x0)), where the
     official LP is Re(ifft2(ifftshift(M * fftshift(fft2(.))))) with the centred mask M. For odd
     sizes this is what checks that the kernel symmetrises M correctly."""
@@ -99,22 +104,22 @@ def test_blend_matches_official_two_fft_centred_blend(batch, channels, height, w
     ref = torch.randn(batch, channels, height, width, generator=g)
     want = spectral_lowpass_blend_official(x0, ref, 0.6, 0.3, 4)
     diff = ref - x0
-    OPS.spectral_lowpass_blend(diff, 0.3, 4, 0.6)
+    guidance_ops.spectral_lowpass_blend(diff, 0.3, 4, 0.6)
     assert rel_l2(x0 + diff, want) <= 1e-5
     # The low-frequency part really moved (a test that cannot pass by returning x0).
     assert rel_l2(x0, want) > 1e-2
 
 
-def test_zero_ratio_means_no_low_band():
+def test_zero_ratio_means_no_low_band(guidance_ops):
     diff = torch.randn(2, 2, 8, 10)
-    OPS.spectral_lowpass_blend(diff, 0.0, 4, 0.8)
+    guidance_ops.spectral_lowpass_blend(diff, 0.0, 4, 0.8)
     assert torch.equal(diff, torch.zeros_like(diff))
     assert torch.equal(butterworth_lowpass_mask(8, 10, 0.0), torch.zeros(8, 10))
 
 
-def test_alpha_is_folded_in_linearly():
+def test_alpha_is_folded_in_linearly(guidance_ops):
     base = torch.randn(1, 3, 12, 10)
     half, full = base.clone(), base.clone()
-    OPS.spectral_lowpass_blend(half, 0.25, 4, 0.5)
-    OPS.spectral_lowpass_blend(full, 0.25, 4, 1.0)
+    guidance_ops.spectral_lowpass_blend(half, 0.25, 4, 0.5)
+    guidance_ops.spectral_lowpass_blend(full, 0.25, 4, 1.0)
     torch.testing.assert_close(half * 2, full, rtol=1e-5, atol=1e-6)
