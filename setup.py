@@ -40,9 +40,10 @@ setup(
         # Triton ships with CUDA torch builds; the pin is the version the kernels are tested on.
         "triton": ["triton==3.6.0"],
         "text": ["transformers>=5,<6"],
-        "bench": ["nvidia-ml-py", "matplotlib"],
+        # pytest-benchmark: the micro-benchmarks (bench/micro); tests/ runs them once at tiny sizes.
+        "bench": ["nvidia-ml-py", "matplotlib", "pytest-benchmark>=5"],
         # ninja: torch.utils.cpp_extension builds the native backend with it (tests build it once).
-        "test": ["pytest", "triton==3.6.0", "ninja"],
+        "test": ["pytest", "pytest-benchmark>=5", "triton==3.6.0", "ninja"],
     },
     entry_points={"console_scripts": ["hiflow-fast=hiflow_fast.cli:main"]},
 )

@@ -92,8 +92,10 @@ def cuda_toolkit() -> str | None:
 
 
 def default_variant() -> str:
-    """"cuda" where a CUDA torch and nvcc exist (CPU and CUDA kernels in one library), else "cpu"."""
-    return "cuda" if cuda_toolkit() is not None else "cpu"
+    """"cuda" where a CUDA torch, nvcc and a GPU exist (CPU and CUDA kernels in one library), else
+    "cpu". Without a GPU a CUDA build has no architecture to target (torch's cpp_extension fails
+    with an IndexError), which is the case of a CUDA torch wheel on a CPU machine: CI's torch 2.11."""
+    return "cuda" if cuda_toolkit() is not None and torch.cuda.is_available() else "cpu"
 
 
 def build_name(variant: str) -> str:

@@ -667,3 +667,38 @@ def test_bench_all_runs_opt_in_benchmarks_only_when_named():
     assert {"compile", "attention_tuning"} <= set(installed)
     assert not set(names) & bench_all.OPT_IN
     assert bench_all._select(bench_all._parse(["--device", "cpu", "--only", "compile"]))[1] == ["compile"]
+
+
+# ---- micro-benchmarks (bench/micro, pytest-benchmark) ----------------------------------------
+
+MICRO_OPS = {"reference_flow", "spectral_lowpass_blend", "haar_lowpass_blend", "guided_velocity", "qk_norm_rope", "flash_attention"}
+
+
+def test_micro_benchmarks_run_at_tiny_size(tmp_path):
+    """bench/micro is not collected by `pytest` (testpaths), so it is run here, in a subprocess at
+    its tiny shapes: every op and its reference measured once, one record each with a floor."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("pytest_benchmark")
+    micro = pathlib.Path(__file__).resolve().parent.parent / "bench" / "micro"
+    if not micro.is_dir():
+        pytest.skip("bench/micro is not in this tree")
+    out = tmp_path / "micro.json"
+    # cwd outside the repository: `python -m pytest` puts the cwd first on sys.path, and the source
+    # folder hiflow_fast/ there lacks the installed hiflow_fast.kernels / hiflow_fast.bench.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(micro), "--benchmark-only", "--micro-size", "tiny",
+         "--micro-records", str(out), "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{2 * len(MICRO_OPS)} passed" in proc.stdout
+    records = json.loads(out.read_text())
+    assert {(r["name"], r["path"]) for r in records} == {(f"micro_{op}", p) for op in MICRO_OPS for p in ("triton", "ref")}
+    assert_each_case_once(records)
+    for record in records:
+        assert COMMON_KEYS <= record.keys()
+        assert record["median_s"] > 0 and record["floor_s"] > 0 and record["fraction_of_floor"] > 0

@@ -131,19 +131,31 @@ def test_compiled_fullgraph_equals_eager(tiny):
         assert rel_l2(c, e) <= 1e-6
 
 
-@pytest.mark.slow
-def test_inductor_compiled_equals_eager_with_triton_ops(tiny):
-    """Inductor (fullgraph) with the hiflow_fast:: custom ops in the graph (opaque under the
-    CPU interpreter, traced into on a GPU). ~1 minute of compilation on a CI core."""
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param("cpu", marks=[pytest.mark.slow, pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter variant")]),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_inductor_compiled_equals_eager_with_triton_ops(tiny, where):
+    """Inductor (fullgraph) with the hiflow_fast:: custom ops in the graph: opaque under the CPU
+    interpreter (~1 minute of compilation on a CI core), traced into on a GPU (the triton_ops'
+    kernels scheduled by Inductor). The compiled fast blocks equal the eager ones and the
+    reference path (patched_transformer)."""
     inputs = make_inputs(batch=1, rows=8, cols=8, seed=7)
+    want, _ = reference_outputs(tiny, inputs)
     with fast_transformer(tiny, kernels="triton", attention="triton", chunk_tokens=24) as patch:
         patch.use_highres(NTK)
         eager = run(tiny, inputs)
     torch._dynamo.reset()
     with fast_transformer(tiny, kernels="triton", attention="triton", chunk_tokens=24, compile=True, cuda_graphs=False) as patch:
+        assert patch.compiled
         patch.use_highres(NTK)
         compiled = run(tiny, inputs)
+    assert compiled.device.type == where
     assert rel_l2(compiled, eager) <= 1e-5
+    assert rel_l2(compiled, want) <= 1e-5
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ Non-causal softmax attention with any scale (HiFlow's proportional attention), h
 see kernels/flash_attention.py for why not on load). Kernel: kernels/flash_attention.py; oracle:
 hiflow_fast.ref.attention.attention. On a GPU the op is a `torch.library.triton_op`; under
 Triton's CPU interpreter (TRITON_INTERPRET=1) an opaque `torch.library.custom_op` with a fake
-implementation (the interpreter cannot run on fake tensors). Import this module on its own; it
-registers the op once.
+implementation (see hiflow_fast.ops.registration). Import this module on its own; it registers
+the op once.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
 
 from hiflow_fast.errors import HiFlowInputError
 from hiflow_fast.ops.head_tensors import check_head_tensor
 from hiflow_fast.kernels.flash_attention import INTERPRET, check_launchable, launch_flash_attention
+from hiflow_fast.ops.registration import kernel_launcher, kernel_op
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -41,13 +41,11 @@ class RopeSpec:
     theta: float = 10000.0
 
 
-def _register(name: str, mutates_args):
-    if INTERPRET:
-        return torch.library.custom_op(name, mutates_args=mutates_args)
-    return triton_op(name, mutates_args=mutates_args)
+def _flash_attention_fake(q, k, v, scale, rope_ids=None, rope_axes_dim=None, rope_theta=10000.0):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-@_register("hiflow_fast::flash_attention", mutates_args=())
+@kernel_op("hiflow_fast::flash_attention", mutates_args=(), interpreted=INTERPRET, fake=_flash_attention_fake)
 def _flash_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,16 +69,9 @@ def _flash_attention_op(
         rope_ids,
         (pairs[0], pairs[1], pairs[2]),
         rope_theta,
-        launcher=None if INTERPRET else wrap_triton,
+        launcher=kernel_launcher(INTERPRET),
     )
     return out
-
-
-if INTERPRET:
-
-    @_flash_attention_op.register_fake
-    def _(q, k, v, scale, rope_ids=None, rope_axes_dim=None, rope_theta=10000.0):
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def check_flash_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeSpec | None = None) -> None:

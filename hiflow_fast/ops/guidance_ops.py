@@ -6,11 +6,9 @@
     hiflow_fast::guided_velocity        x_next, v, v_ref on the output (swin) grid
 
 Every op writes into preallocated outputs declared as mutated (`mutates_args`) and returns
-nothing, so its fake (meta) implementation has nothing to compute. With compiled Triton (a GPU)
-the ops are `torch.library.triton_op`s: torch.compile traces into the kernels and Inductor can
-schedule them. Under Triton's CPU interpreter `wrap_triton` cannot trace an interpreted kernel,
-so there the same functions are registered as opaque `torch.library.custom_op`s with an explicit
-fake implementation; torch.compile(fullgraph=True) captures them whole either way. Shapes and dtypes are checked by the caller
+nothing, so its fake (meta) implementation has nothing to compute. Registration and launch
+(triton_op + wrap_triton on a GPU, opaque custom_op + direct launch under the interpreter) are
+`hiflow_fast.ops.registration`'s. Shapes and dtypes are checked by the caller
 (`hiflow_fast.guidance`), which raises HiFlowInputError; here only cheap structural asserts of
 the internal contract would fit, and there are none on the hot path.
 """
@@ -19,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
 
 from hiflow_fast.bicubic import BICUBIC_A
 from hiflow_fast.kernels.guided_velocity import BLOCK_SIZE as VELOCITY_BLOCK
@@ -30,15 +27,12 @@ from hiflow_fast.kernels.reference_flow import BLOCK_SIZE as REFERENCE_BLOCK
 from hiflow_fast.kernels.reference_flow import reference_flow_kernel
 from hiflow_fast.kernels.spectral_lowpass_blend import BLOCK_SIZE as SPECTRAL_BLOCK
 from hiflow_fast.kernels.spectral_lowpass_blend import SLICES_PER_PROGRAM, spectral_lowpass_kernel
+from hiflow_fast.ops.registration import is_interpreted, kernel_launcher, kernel_op, no_output
 from hiflow_fast.ref.guided_velocity import VELOCITY_EPS  # the official 1e-6, defined once
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover - every supported triton has it
-    InterpretedFunction = ()
-
 # Whether the kernels were defined under TRITON_INTERPRET=1 (CPU), decided at their import.
-INTERPRETED = isinstance(reference_flow_kernel, InterpretedFunction)
+INTERPRETED = is_interpreted(reference_flow_kernel)
+_launch = kernel_launcher(INTERPRETED)
 
 # Elements (bins, 2x2 blocks) per program under the interpreter: it runs programs one after the
 # other, each op costing ~0.1 ms of Python dispatch whatever its size, so few large programs
@@ -61,26 +55,7 @@ PREV_SEPARATE = 1
 PREV_IN_PLACE = 2
 
 
-def _no_output(*args, **kwargs) -> None:
-    """Fake implementation of an op that only mutates preallocated outputs."""
-    return None
-
-
-def kernel_op(name: str, *, mutates_args: set[str]):
-    """Register `fn` as the custom op `name`: a triton_op when the kernels are compiled, an
-    opaque custom_op with a fake implementation under the interpreter (see module docstring)."""
-
-    def register(fn):
-        if INTERPRETED:
-            op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-            op.register_fake(_no_output)
-            return op
-        return triton_op(name, fn, mutates_args=mutates_args)
-
-    return register
-
-
-@kernel_op("hiflow_fast::reference_flow", mutates_args={"pred_x0", "diff"})
+@kernel_op("hiflow_fast::reference_flow", mutates_args={"pred_x0", "diff"}, interpreted=INTERPRETED, fake=no_output)
 def reference_flow(
     sample: torch.Tensor,
     model_output: torch.Tensor,
@@ -96,7 +71,7 @@ def reference_flow(
     b, c, h, w = diff.shape
     n = b * c * h * w
     block = _block(n, REFERENCE_BLOCK)
-    wrap_triton(reference_flow_kernel)[(triton.cdiv(n, block),)](
+    _launch(reference_flow_kernel)[(triton.cdiv(n, block),)](
         sample,
         model_output,
         ref_x0,
@@ -116,7 +91,7 @@ def reference_flow(
     )
 
 
-@kernel_op("hiflow_fast::spectral_lowpass_blend", mutates_args={"diff"})
+@kernel_op("hiflow_fast::spectral_lowpass_blend", mutates_args={"diff"}, interpreted=INTERPRETED, fake=no_output)
 def spectral_lowpass_blend(diff: torch.Tensor, ratio: float, order: int, alpha: float) -> None:
     """diff <- alpha * LP(diff) over the last two dims, LP the official Butterworth low-pass
     (one real FFT pair; the mask is evaluated inside the kernel). diff: contiguous fp32."""
@@ -134,7 +109,7 @@ def spectral_lowpass_blend(diff: torch.Tensor, ratio: float, order: int, alpha: 
     bins = h * (w // 2 + 1)
     block = _block(bins, SPECTRAL_BLOCK)
     grid = (triton.cdiv(bins, block), triton.cdiv(slices, SLICES_PER_PROGRAM))
-    wrap_triton(spectral_lowpass_kernel)[grid](
+    _launch(spectral_lowpass_kernel)[grid](
         spectrum,
         slices,
         h,
@@ -148,17 +123,17 @@ def spectral_lowpass_blend(diff: torch.Tensor, ratio: float, order: int, alpha: 
     torch.fft.irfft2(torch.view_as_complex(spectrum), s=(h, w), dim=(-2, -1), out=diff)
 
 
-@kernel_op("hiflow_fast::haar_lowpass_blend", mutates_args={"diff"})
+@kernel_op("hiflow_fast::haar_lowpass_blend", mutates_args={"diff"}, interpreted=INTERPRETED, fake=no_output)
 def haar_lowpass_blend(diff: torch.Tensor, alpha: float) -> None:
     """diff <- alpha * LPhaar(diff) over the last two dims (2x2 block means). diff: contiguous fp32."""
     h, w = diff.shape[-2], diff.shape[-1]
     slices = diff.numel() // (h * w)
     n_blocks = slices * ((h + 1) // 2) * ((w + 1) // 2)
     block = _block(n_blocks, HAAR_BLOCK)
-    wrap_triton(haar_lowpass_kernel)[(triton.cdiv(n_blocks, block),)](diff, n_blocks, h, w, alpha, BLOCK=block)
+    _launch(haar_lowpass_kernel)[(triton.cdiv(n_blocks, block),)](diff, n_blocks, h, w, alpha, BLOCK=block)
 
 
-@kernel_op("hiflow_fast::guided_velocity", mutates_args={"x_next", "v", "v_ref"})
+@kernel_op("hiflow_fast::guided_velocity", mutates_args={"x_next", "v", "v_ref"}, interpreted=INTERPRETED, fake=no_output)
 def guided_velocity(
     sample: torch.Tensor,
     pred_x0: torch.Tensor,
@@ -191,7 +166,7 @@ def guided_velocity(
     v_prev_arg = v_prev if v_prev is not None else v
     v_ref_prev_arg = v_ref_prev if v_ref_prev is not None else v_ref
     block = _block(n, VELOCITY_BLOCK)
-    wrap_triton(guided_velocity_kernel)[(triton.cdiv(n, block),)](
+    _launch(guided_velocity_kernel)[(triton.cdiv(n, block),)](
         sample,
         pred_x0,
         lowpass,

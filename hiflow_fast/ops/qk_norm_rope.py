@@ -7,8 +7,8 @@ The op writes into preallocated outputs declared as mutated (`q_out`, `k_out`); 
 q and k themselves (`inplace=True`: no extra memory). Kernel: kernels/qk_norm_rope.py; oracle:
 hiflow_fast.ref.qk_norm_rope. On a GPU the op is a `torch.library.triton_op` (torch.compile
 traces into the kernel); under Triton's CPU interpreter (TRITON_INTERPRET=1) it is an opaque
-`torch.library.custom_op` with a fake implementation, since the interpreter cannot run on
-fake tensors. Import this module on its own; it registers the op once.
+`torch.library.custom_op` with a fake implementation (see hiflow_fast.ops.registration).
+Import this module on its own; it registers the op once.
 """
 
 from __future__ import annotations
@@ -17,23 +17,17 @@ import math
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
 
 from hiflow_fast.errors import HiFlowInputError
 from hiflow_fast.ops.head_tensors import check_head_tensor
 from hiflow_fast.kernels.qk_norm_rope import INTERPRET, fp32_split, launch_qk_norm_rope
+from hiflow_fast.ops.registration import kernel_launcher, kernel_op, no_output
 
 MAX_HEAD_DIM = 512
 MAX_AXES = 3
 
 
-def _register(name: str, mutates_args):
-    if INTERPRET:
-        return torch.library.custom_op(name, mutates_args=mutates_args)
-    return triton_op(name, mutates_args=mutates_args)
-
-
-@_register("hiflow_fast::qk_norm_rope", mutates_args={"q_out", "k_out"})
+@kernel_op("hiflow_fast::qk_norm_rope", mutates_args={"q_out", "k_out"}, interpreted=INTERPRET, fake=no_output)
 def _qk_norm_rope_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,15 +63,8 @@ def _qk_norm_rope_op(
         eps,
         n_txt,
         apply_rope=ids is not None,
-        launcher=None if INTERPRET else wrap_triton,
+        launcher=kernel_launcher(INTERPRET),
     )
-
-
-if INTERPRET:
-
-    @_qk_norm_rope_op.register_fake
-    def _(q, k, q_weight, k_weight, q_weight_txt, k_weight_txt, ids, axes_dim, theta, eps, n_txt, q_out, k_out):
-        return None
 
 
 def _check_inputs(q, k, q_weight, k_weight, q_weight_txt, k_weight_txt, ids, axes_dim, n_txt) -> None:
