@@ -269,11 +269,16 @@ def shared_bytes_needed(block_m: int, block_n: int, block_d: int, itemsize: int,
     return needed
 
 
-def _current_target() -> tuple[int, int]:
-    """(compute capability as 86, per-block shared memory limit) of the active Triton driver."""
+def _current_target() -> tuple[int, int] | None:
+    """(compute capability as 86, per-block shared memory limit) of the active Triton driver;
+    None where Triton has no GPU driver at all (fake CUDA tensors traced on a machine without a
+    GPU, as torch.compile's export does): there is no device to check against there."""
     from triton.runtime import driver
 
-    active = driver.active
+    try:
+        active = driver.active
+    except RuntimeError:  # "0 active drivers": no GPU backend on this machine
+        return None
     return _target_of(active, active.get_current_device())
 
 
@@ -322,7 +327,10 @@ def _as_config(c) -> triton.Config:
 def _prune_configs(configs, named_args, **kwargs):
     """Autotuner pruning, before anything is compiled: the configs of `launchable_configs` for
     the current device (the wrapper has refused inputs with none)."""
-    cc, limit = _current_target()
+    target = _current_target()
+    if target is None:  # traced without a GPU: nothing to prune against (nothing will launch here)
+        return configs
+    cc, limit = target
     itemsize = named_args["q_ptr"].element_size()
     keep = {str(_as_config(c)) for c in launchable_configs(kwargs["BLOCK_D"], itemsize, cc, limit)}
     return [c for c in configs if str(c) in keep]
@@ -349,7 +357,10 @@ def check_launchable(head_dim: int, itemsize: int) -> None:
     """ValueError saying what does not fit when no config of this head dim and dtype fits the
     current GPU's shared memory (the op turns it into a HiFlowInputError before any work)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    cc, limit = _current_target()
+    target = _current_target()
+    if target is None:
+        return
+    cc, limit = target
     if not launchable_configs(block_d, itemsize, cc, limit):
         bm, bn, _, stages = SMALL_CONFIG
         smallest = shared_bytes_needed(bm, bn, block_d, itemsize, stages, cc)

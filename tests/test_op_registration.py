@@ -86,5 +86,8 @@ def test_gpu_path_traces_every_op_into_its_triton_kernels(tmp_path):
         "guided_velocity_kernel",
         "qk_norm_rope_kernel",
         "flash_attention_kernel",
+        # RoPE with the attention: one rotation pass (qk_norm_rope's kernel, norm off), then the
+        # plain attention kernel (see kernels/flash_attention.py for why not on load).
+        "qk_norm_rope_kernel",
         "flash_attention_kernel",
     ]
