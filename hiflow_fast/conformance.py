@@ -12,7 +12,6 @@ bad input. `final_image` is not needed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

@@ -12,7 +12,6 @@ scheduler is only ever deep-copied, and no global RNG is read or written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
