@@ -31,6 +31,7 @@ from .ref.attention import duplicate_text
 from .ref.reference_flow import renoise
 from .schedule import Schedule, base_schedule
 from .fast_transformer import fast_transformer
+from .memory_plan import plan_for_call
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ class HiFlowPipeline:
         compile: bool = False,
         callback: Callable[[StageStart | StepEnd], None] | None = None,
         progress: bool = True,
+        memory_budget: str | int | None = None,
     ) -> HiFlowOutput:
         """Generate with HiFlow.
 
@@ -273,6 +275,9 @@ class HiFlowPipeline:
                 graph per stage and swin shape. Same latents as eager, after a warm-up.
             callback: called with a StageStart or StepEnd after each stage entry and step.
             progress: show one progress bar per stage.
+            memory_budget: run within this much device memory ("12GiB", "12GB", "12" = GiB, or
+                "auto": the free CUDA memory): blocks that do not fit are streamed from host
+                memory (hiflow_fast.memory_plan; same latents as without). None: no plan.
         """
         config = config or HiFlowConfig()
         if output_type not in OUTPUT_TYPES:
@@ -287,6 +292,7 @@ class HiFlowPipeline:
         elif seed is None:
             seed = generator.initial_seed()
         sigmas_for_sharpening = _SharpeningSigmas(config, seed)
+        memory = plan_for_call(self, config, memory_budget, compile=compile)  # memory budget: checked before any work
 
         device, dtype = self.device, self.dtype
         embeds, pooled = self._encode_prompt(
@@ -322,7 +328,8 @@ class HiFlowPipeline:
 
         with fast_transformer(
             self.transformer, proportional=proportional, attention=attention, kernels=backend, compile=compile
-        ) as patch:
+        ) as patch, memory:
+            memory.stage(0)  # memory budget: the base stage's resident blocks
             patch.use_base()
             x, hw = self._run_base_stage(
                 x, base_hw, schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress
@@ -332,6 +339,7 @@ class HiFlowPipeline:
             with V.vae_tiling(self.vae, True):  # the official pipeline tiles the VAE after the base stage
                 prev_image = None
                 for k, stage in enumerate(config.stages, start=1):
+                    memory.stage(k)  # memory budget: stage k's resident blocks, before its entry VAE work
                     size = (stage.height, stage.width)
                     guidance, prev_image = V.guidance_latents(
                         self.vae,
@@ -367,6 +375,7 @@ class HiFlowPipeline:
                     )
                     self._forget_unneeded(x0_by_index, stage_starts, k)
                     L.check_finite(x, f"after high-res stage {k}")
+                memory.stage(None)  # memory budget: no block on the device for the final decode
                 final_target = self._stage_hw(config, len(config.stages))
                 images = None
                 if output_type != "latent" or return_stage_images:
