@@ -19,6 +19,8 @@ import sys
 from typing import Sequence
 
 from .errors import HiFlowInputError, HiFlowModelError, NonFiniteLatentsError
+from .memory_cli import add_memory_arguments
+from .memory_plan import HiFlowOutOfMemoryError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -174,6 +176,7 @@ def _generate(args) -> int:
         attention=args.attention,
         compile=args.compile,
         progress=not args.quiet,
+        memory_budget=args.memory_budget,  # hiflow_fast.memory_cli adds --memory-budget
     )
     metadata = {
         "generator": "hiflow_fast",
@@ -258,11 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    add_memory_arguments(sub)  # `plan` and generate --memory-budget (hiflow_fast.memory_cli)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (HiFlowInputError, HiFlowModelError, NonFiniteLatentsError) as exc:
+    except (HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, HiFlowOutOfMemoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

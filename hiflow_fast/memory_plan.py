@@ -43,9 +43,10 @@ DEFAULT_MATMUL_RATE = 70e12
 # Blocks copied ahead of the one computing: two keep the link busy while a block of a cheap
 # stage computes faster than its copy would arrive.
 DEFAULT_PREFETCH = 2
-# The fast path's MLP chunk (hiflow_fast.fast_transformer.DEFAULT_CHUNK_TOKENS). Exact plans keep
-# it: a GEMM over a different number of rows may pick another kernel and round differently.
-from .fast_transformer import DEFAULT_CHUNK_TOKENS  # noqa: E402
+# The fast path's MLP chunk, hiflow_fast.fast_transformer.DEFAULT_CHUNK_TOKENS (a test keeps the
+# two equal; not imported, so that planning does not import diffusers). Exact plans keep it: a
+# GEMM over a different number of rows may pick another kernel and round differently.
+DEFAULT_CHUNK_TOKENS = 8192
 
 _BUDGET_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(gib|gb|mib|mb|g)?\s*$", re.IGNORECASE)
 _UNITS = {None: GIB, "g": GIB, "gib": GIB, "gb": 10**9, "mib": 2**20, "mb": 10**6}
@@ -352,6 +353,7 @@ def plan_memory(
     one of two orders, see below) that fits beside `prefetch` + 1 streaming buffers of the largest streamed
     block, the activations and the VAE work. Raises HiFlowInputError naming `field` when even
     streaming every block does not fit, with the minimum budget of this stage plan."""
+    shown = budget
     budget_bytes = parse_budget(budget, field) if not isinstance(budget, int) or isinstance(budget, bool) else budget
     if isinstance(budget, int) and not isinstance(budget, bool) and budget <= 0:
         raise HiFlowInputError(field, budget, BUDGET_ALLOWED)
@@ -442,7 +444,7 @@ def plan_memory(
     if minimum > budget_bytes:
         raise HiFlowInputError(
             field,
-            f"{budget_bytes / GIB:.2f} GiB",
+            shown,
             f"at least {minimum / GIB:.2f} GiB for this stage plan ({_describe(stages)}, {dtype}"
             f"{', fp8 weights' if lossy else ''}): the smallest plan streams every block",
         )

@@ -138,3 +138,10 @@ def test_streaming_overhead_is_small_at_4k_and_large_at_1k():
     assert top.overhead == 0.0
     # On a faster card (H100-class matmuls) a 1K step is shorter than its copies.
     assert plan_memory("6GiB", OFFICIAL_STAGES, matmul_rate=700e12).stages[0].overhead > 0.5
+
+
+def test_chunk_size_is_the_fast_paths():
+    from hiflow_fast.fast_transformer import DEFAULT_CHUNK_TOKENS
+    from hiflow_fast.memory_plan import DEFAULT_CHUNK_TOKENS as planned
+
+    assert planned == DEFAULT_CHUNK_TOKENS
