@@ -402,17 +402,22 @@ def plan_memory(
         # resident wins.
         doubles = list(range(shape.double_blocks))
         singles = list(range(shape.double_blocks, shape.blocks))
-        best: list[int] = []
+        best: list[int] | None = None
+        smallest = None
         for order in (doubles + singles, singles + doubles):
-            count = len(order)
-            while count > 0 and peak_with(order[:count])[0] > budget_bytes:
-                count -= 1
-            candidate = sorted(order[:count])
-            if sum(block_bytes[i] for i in candidate) > sum(block_bytes[i] for i in best):
-                best = candidate
-        resident_set = best
+            for count in range(len(order), -1, -1):
+                candidate = sorted(order[:count])
+                candidate_peak = peak_with(candidate)[0]
+                smallest = candidate_peak if smallest is None else min(smallest, candidate_peak)
+                if candidate_peak <= budget_bytes:
+                    if best is None or sum(block_bytes[i] for i in candidate) > sum(block_bytes[i] for i in best):
+                        best = candidate
+                    break
+        # The stage's smallest peak over every plan considered (with few blocks, streaming them
+        # all can need more than keeping them: prefetch + 1 buffers of the largest block).
+        minimum = max(minimum, smallest)
+        resident_set = best if best is not None else []
         peak, parts = peak_with(resident_set)
-        minimum = max(minimum, peak_with([])[0])
         streamed_list = [i for i in range(shape.blocks) if i not in resident_set]
         streamed_bytes = sum(block_bytes[i] for i in streamed_list)
         plans.append(
