@@ -45,6 +45,7 @@ CASCADES = {
     "official": ((1024, 1024), 30, ((2048, 2048), (4096, 4096)), (16, 10)),
     "small": ((256, 256), 8, ((512, 512), (1024, 1024)), (4, 3)),
     "smoke": ((128, 128), 4, ((192, 192), (256, 256)), (2, 3)),
+    "micro": ((64, 64), 2, ((96, 96), (128, 128)), (1, 1)),
 }
 # Sharpening sigma of the stage entries (any value: memory does not depend on it).
 SIGMA = 1.0
@@ -217,9 +218,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="full: FLUX.1-dev shapes (default); reduced/tiny: small shapes for smoke tests")
     parser.add_argument("--cascade", choices=sorted(CASCADES), default=None,
                         help="official: 1024 -> 2048 -> 4096 (default for full), small: 256 -> 512 -> 1024 (default otherwise), "
-                             "smoke: 128 -> 192 -> 256")
+                             "smoke: 128 -> 192 -> 256, micro: 64 -> 96 -> 128")
     parser.add_argument("--lossy", action="store_true", help="also plan (not count) the LOSSY fp8 plans")
-    parser.add_argument("--sample-steps", type=int, default=2, help="GPU: timed steps per stage (default 2)")
+    parser.add_argument("--sample-steps", type=int, default=2, help="GPU: timed steps per stage and budget (default 2)")
+    parser.add_argument("--gpu-stages", default="2k,4k", help="GPU: the stages measured, 2k and/or 4k (default both)")
     add_common_arguments(parser)
     return parser
 
@@ -228,7 +230,7 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     budgets = parse_budgets(args.budgets)
     if args.device == "cuda":
-        from hiflow_fast.bench.bench_memory_gpu import run_gpu
+        from hiflow_fast.bench.memory_gpu import run_gpu
 
         return run_gpu(args, budgets)
     device, outputs, environment = start(args)

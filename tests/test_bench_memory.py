@@ -37,3 +37,14 @@ def test_estimate_is_never_below_the_count(cascade):
 def test_bad_budgets_are_refused(bad):
     with pytest.raises(HiFlowInputError, match="--budgets"):
         parse_budgets(bad)
+
+
+def test_gpu_variant_smoke_on_the_cpu():
+    """The GPU benchmark's code path on a tiny model on the CPU: a resident record and one per
+    budget and stage (no memory numbers without a GPU; a budget below the minimum is skipped)."""
+    import argparse
+
+    from hiflow_fast.bench.memory_gpu import run_gpu
+
+    args = argparse.Namespace(sample_steps=1, gpu_stages="2k,4k")
+    assert run_gpu(args, [8, 0.01], device="cpu", model_size="tiny") == 0
