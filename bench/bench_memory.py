@@ -25,6 +25,8 @@ variant (--device cuda) measures those.
 
 Records (one per budget and plan): budget_gib, plan, exact, counted_peak_gib,
 estimated_peak_gib (the planner's), fits (counted <= budget), and the counted peak per phase.
+With --lossy, the fp8 plans are recorded as planned only (counted_peak_gib and fits null): the
+fake model is not cast to fp8.
 """
 
 from __future__ import annotations
@@ -288,7 +290,7 @@ def count_budgets(budgets, model: str, cascade, environment: dict[str, Any], *, 
                         budget_gib=gib, plan=plan.name, exact=plan.exact,
                         counted_peak_gib=counted["peak"] / GIB if counted else None,
                         estimated_peak_gib=plan.peak_bytes / GIB,
-                        fits=bool(counted and counted["peak"] <= gib * GIB),
+                        fits=(counted["peak"] <= gib * GIB) if counted else None,
                         counted_phases_gib={k: v / GIB for k, v in counted["phases"].items()} if counted else None,
                         estimated_stage_peaks_gib=[s.peak_bytes / GIB for s in plan.stages] + [plan.final_decode_bytes / GIB],
                         resident_blocks_per_stage=[len(s.resident_blocks) for s in plan.stages],
