@@ -97,6 +97,16 @@ SUITE: dict[str, SuiteEntry] = {
             cuda_quick=("--model", "full", "--plans", "2k,official", "--repeats", "1", "--sample-steps", "2"),
             smoke=("--model", "tiny", "--plans", "tiny", "--repeats", "1", "--warmup", "0"),
         ),
+        SuiteEntry(
+            "memory",
+            # Counted on fake tensors (no timing): the CPU suite counts small shapes; the official
+            # 4K cascade at FLUX.1-dev shapes is `bench memory --device cpu` (minutes on 2 cores).
+            cpu=("--model", "tiny", "--cascade", "smoke", "--budgets", "1"),
+            # GPU: the 2K and 4K stages at FLUX.1-dev shapes under each budget, sampled steps.
+            cuda=("--budgets", "24,16,12,8", "--sample-steps", "2"),
+            cuda_quick=("--budgets", "12,8", "--sample-steps", "1", "--gpu-stages", "4k"),
+            smoke=("--model", "tiny", "--cascade", "micro", "--budgets", "1"),
+        ),
     )
 }
 

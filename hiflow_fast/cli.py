@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, StageOutOfMemoryError
+from .memory_cli import add_memory_arguments
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -360,6 +361,11 @@ def _generate(args, typed: set[str]) -> int:
         transformer_config = check_model_dir(model_dir, "--model")
     except HiFlowInputError as exc:
         raise named(exc) from None
+    if args.memory_budget is not None:  # hiflow_fast.memory_cli adds --memory-budget
+        from .memory_plan import check_budget_without_weights
+
+        check_budget_without_weights(args.memory_budget, transformer_config, config, args.dtype, compile=args.compile,
+                                     field="--memory-budget")
     prompt, embeds, pooled = args.prompt, None, None
     if args.prompt_embeds:
         embeds, pooled = _load_prompt_embeds(args.prompt_embeds, "--prompt-embeds", transformer_config, config.max_sequence_length)
@@ -402,6 +408,7 @@ def _generate(args, typed: set[str]) -> int:
                 attention=args.attention,
                 compile=args.compile,
                 progress=not args.quiet,
+                memory_budget=args.memory_budget,  # hiflow_fast.memory_cli adds --memory-budget
             )
             metadata = {
                 "generator": "hiflow_fast",
@@ -539,8 +546,9 @@ def build_parser() -> Parser:
     parser = Parser(prog="hiflow-fast", description="Fast, faithful HiFlow for Flux.", formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"hiflow-fast {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,plan,bench}")
     _add_generate(sub)
+    add_memory_arguments(sub)  # `plan`, and generate --memory-budget (hiflow_fast.memory_cli)
     sub.add_parser("bench", help="run the benchmarks: bench [NAME] [options] (NAME default: all; bench --help)", add_help=False)
     return parser
 

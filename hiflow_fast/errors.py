@@ -64,8 +64,9 @@ class StageOutOfMemoryError(MemoryError):
         self.stage = stage
         self.device = device
         super().__init__(
-            f"out of memory in {stage} on {device} ({detail}); try a smaller size, fewer images, "
-            "bfloat16, or another attention backend"
+            f"out of memory in {stage} on {device} ({detail}); pass --memory-budget (memory_budget=) "
+            "to stream the blocks that do not fit (see `hiflow-fast plan`), or try a smaller size, "
+            "fewer images, bfloat16, or another attention backend"
         )
 
 

@@ -115,7 +115,9 @@ def _rms_eps(norm: torch.nn.Module, dtype: torch.dtype) -> float:
 
 
 def _plain_linear(module: torch.nn.Module) -> bool:
-    return type(module) is torch.nn.Linear
+    # A Linear carrying diffusers hooks (layerwise casting: fp8-stored weights upcast on each
+    # forward) must run its forward: its weight tensor alone is not what it computes with.
+    return type(module) is torch.nn.Linear and not getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
 
 
 def _linear_into(linear: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ from .ref.attention import duplicate_text
 from .ref.reference_flow import renoise
 from .schedule import Schedule, base_schedule
 from .fast_transformer import fast_transformer
+from .memory_plan import plan_for_call
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +350,7 @@ class HiFlowPipeline:
         compile: bool = False,
         callback: Callable[[StageStart | StepEnd], None] | None = None,
         progress: bool = True,
+        memory_budget: str | int | None = None,
     ) -> HiFlowOutput:
         """Generate with HiFlow.
 
@@ -364,12 +366,15 @@ class HiFlowPipeline:
             output_type: "pil", "np", "pt" or "latent" (no decode; `images` is None).
             return_stage_images: also decode and return every stage's result.
             backend: kernel backend of the guidance step and the fused q/k norm + RoPE ("ref",
-                "triton"; default: $HIFLOW_BACKEND or automatic: Triton on a GPU).
+                "triton", "native"; default: $HIFLOW_BACKEND or automatic: Triton on a GPU).
             attention: attention backend for the high-res stages (default: $HIFLOW_ATTENTION or sdpa).
             compile: torch.compile the transformer (fullgraph) and, on CUDA, capture one CUDA
                 graph per stage and swin shape. Same latents as eager, after a warm-up.
             callback: called with a StageStart or StepEnd after each stage entry and step.
             progress: show one progress bar per stage.
+            memory_budget: run within this much device memory ("12GiB", "12GB", "12" = GiB, or
+                "auto": the free CUDA memory): blocks that do not fit are streamed from host
+                memory (hiflow_fast.memory_plan; same latents as without). None: no plan.
 
         Every argument is checked before the first step (HiFlowInputError naming it; see
         README "Errors"). NaN/Inf in the latents raises NonFiniteLatentsError naming the stage
@@ -387,6 +392,7 @@ class HiFlowPipeline:
         else:
             seed = generator.initial_seed()
         sigmas_for_sharpening = _SharpeningSigmas(config, seed)
+        memory = plan_for_call(self, config, memory_budget, compile=compile)  # memory budget: checked before any work
 
         device, dtype = self.device, self.dtype
         embeds, pooled = self._encode_prompt(
@@ -424,7 +430,8 @@ class HiFlowPipeline:
         try:
             with fast_transformer(
                 self.transformer, proportional=proportional, attention=attention, kernels=backend, compile=compile
-            ) as patch:
+            ) as patch, memory:
+                memory.stage(0)  # memory budget: the base stage's resident blocks
                 patch.use_base()
                 stage_name = f"the base stage ({config.height}x{config.width})"
                 nonfinite: list[torch.Tensor] = []
@@ -437,6 +444,7 @@ class HiFlowPipeline:
                     prev_image = None
                     for k, stage in enumerate(config.stages, start=1):
                         stage_name = f"high-res stage {k} of {len(config.stages)} ({stage.height}x{stage.width})"
+                        memory.stage(k)  # memory budget: stage k's resident blocks, before its entry VAE work
                         size = (stage.height, stage.width)
                         guidance, prev_image = V.guidance_latents(
                             self.vae,
@@ -473,6 +481,7 @@ class HiFlowPipeline:
                         )
                         self._forget_unneeded(x0_by_index, stage_starts, k)
                         _check_steps_finite(nonfinite, stage_name)
+                    memory.stage(None)  # memory budget: no block on the device for the final decode
                     final_target = self._stage_hw(config, len(config.stages))
                     images = None
                     if output_type != "latent" or return_stage_images:
