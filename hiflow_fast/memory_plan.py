@@ -523,7 +523,7 @@ def check_budget_without_weights(memory_budget, transformer_config: dict, config
     shape = TransformerShape.from_config(transformer_config, text_tokens=int(config.max_sequence_length))
     stages = [StageSpec(config.height, config.width, config.num_inference_steps, True)]
     stages += [StageSpec(s.height, s.width, s.steps, False) for s in config.stages]
-    plan = plan_memory(parse_budget(memory_budget, field), stages, shape=shape, dtype=dtype, vae_params=0, field=field)
+    plan = plan_memory(memory_budget, stages, shape=shape, dtype=dtype, vae_params=0, field=field)
     if compile and plan.streams:
         raise HiFlowInputError("--compile" if field.startswith("--") else "compile", True,
                                f"off with {field}={memory_budget!r}: its plan streams blocks, which CUDA graphs cannot replay")

@@ -66,6 +66,7 @@ NUMERIC = {
     "--seed": ["nan", "inf", "-1", "1e12", str(2**63)],
     "--size": ["nanxnan", "0x0", "-16x16", "100000x100000", "16000x16000", "120x128", "big"],
     "--target-sizes": ["nanxnan", "0x0", "30000x30000", "96x96", "192x100"],
+    "--memory-budget": ["nan", "inf", "-1", "0", "12XB", "0.001GiB"],
 }
 NUMERIC_CASES = [(flag, value) for flag, values in NUMERIC.items() for value in values]
 
@@ -99,6 +100,17 @@ def test_device_that_does_not_exist(tmp_path, capsys, no_model_load, device):
 def test_negative_list_values_parse_then_are_refused_by_range(tmp_path, capsys, no_model_load):
     line = run_bad(tmp_path, capsys, ["--target-sizes", "192x192,256x256", "--filter-ratio", "-0.1,0.2"], "--filter-ratio")
     assert "-0.1" in line and "high-res stage 1 of 2" in line
+
+
+def test_memory_budget_below_every_plan_states_the_minimum(tmp_path, capsys, no_model_load):
+    line = run_bad(tmp_path, capsys, ["--memory-budget", "1MiB"], "--memory-budget")
+    assert "'1MiB'" in line and "at least" in line and "GiB" in line
+
+
+def test_memory_budget_auto_without_a_gpu(tmp_path, capsys, no_model_load):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert "CUDA" in run_bad(tmp_path, capsys, ["--memory-budget", "auto"], "--memory-budget")
 
 
 def test_stage_list_length_names_the_flag_typed(tmp_path, capsys, no_model_load):
