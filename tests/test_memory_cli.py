@@ -39,7 +39,7 @@ def test_plan_lossy_is_named(capsys):
         (["plan", "--memory-budget", "8GiB", "--size", "4000x4001"], "--size", "multiples of 16"),
         (["plan", "--memory-budget", "8GiB", "--target-sizes", "2048x2048", "--highres-steps", "3,4"], "--highres-steps", "1 integers"),
         (["plan", "--memory-budget", "8GiB", "--model", "/nonexistent"], "--model", "config.json"),
-        (["generate", "--memory-budget", "twelve", "--quiet", "--output", "never.png"], "memory_budget", "12GiB"),
+        (["generate", "--memory-budget", "twelve", "--quiet", "--output", "never.png"], "--memory-budget", "12GiB"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(capsys, tmp_path, monkeypatch, argv, flag, text):
