@@ -51,10 +51,11 @@ def add_memory_arguments(sub) -> None:
 
 
 def _size(flag: str, text: str) -> tuple[int, int]:
-    parts = str(text).lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise HiFlowInputError(flag, text, "HEIGHTxWIDTH in pixels, e.g. 4096x4096")
-    h, w = int(parts[0]), int(parts[1])
+    from .cli import _parse_size  # generate's size syntax (cli imports this module at its top)
+
+    h, w = _parse_size(flag, str(text))
+    if h <= 0 or w <= 0:
+        raise HiFlowInputError(flag, text, "HEIGHTxWIDTH in pixels, each side > 0, e.g. 4096x4096")
     if h % 16 or w % 16:
         raise HiFlowInputError(flag, text, "sizes that are multiples of 16 pixels")
     return h, w
@@ -74,10 +75,9 @@ def _stages(args):
         if not targets:
             targets = [final]
     if args.highres_steps:
-        try:
-            steps = [int(s) for s in args.highres_steps.split(",") if s.strip()]
-        except ValueError:
-            raise HiFlowInputError("--highres-steps", args.highres_steps, "comma-separated integers") from None
+        from .cli import _parse_list  # generate's list syntax
+
+        steps = _parse_list("--highres-steps", args.highres_steps, int)
     else:
         steps = [16, 10] if len(targets) == 2 else [10] * len(targets)
     if len(steps) != len(targets) or any(s < 1 for s in steps):
