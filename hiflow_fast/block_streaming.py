@@ -24,10 +24,17 @@ parameter restored to its original tensor, on `close()` (or leaving the `with`).
 
 On a CPU there is no side stream: the copies are synchronous, host to host, from a separate
 host copy into the module's parameter storage, which is what the tests exercise.
+
+Blocks whose own tensors live in host memory (`host_origin=True`: a pipeline loaded with a
+budget, hiflow_fast.host_placement, or the fp8 weights of a lossy plan) are never copied to the
+host: their tensors are the host copies, resident blocks get a device copy for the stage, and
+`close()` gives every parameter its own host tensor back. The device copy is a real copy on a
+CPU too, so the tests see the same path move bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Iterable
 
@@ -55,7 +62,7 @@ class BlockStreamer:
     Use as a context manager; `set_resident(indices)` (at every stage) chooses the blocks that
     stay on the device, all others are streamed. `prefetch`: blocks copied ahead of use."""
 
-    def __init__(self, transformer, device: torch.device | str | None = None, prefetch: int = 2):
+    def __init__(self, transformer, device: torch.device | str | None = None, prefetch: int = 2, host_origin: bool = False):
         self.blocks = transformer_blocks(transformer)
         first = next(transformer.parameters())
         self.device = torch.device(device) if device is not None else first.device
@@ -70,6 +77,13 @@ class BlockStreamer:
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
         self.copies = 0  # block copies made (how tests know the path ran)
         self.bytes_copied = 0
+        self.host_origin = bool(host_origin)
+        if self.host_origin:
+            # Every block starts off the device; its own tensors are the host copies.
+            for i, params in enumerate(self._params):
+                self._host[i] = list(self._original[i])
+                for p in params:
+                    p.data = _placeholder(p.data, self.device)
         for index, block in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(self._make_pre_hook(index)))
             self._hooks.append(block.register_forward_hook(self._make_post_hook(index)))
@@ -103,6 +117,12 @@ class BlockStreamer:
         return list(self._streamed)
 
     def _offload(self, i: int) -> None:
+        if self.host_origin:
+            # The host tensors are the block's own: dropping the device copy is all there is.
+            self._host[i] = list(self._original[i])
+            for p in self._params[i]:
+                p.data = _placeholder(p.data, self.device)
+            return
         host = []
         for p in self._params[i]:
             data = p.data
@@ -119,6 +139,12 @@ class BlockStreamer:
 
     def _onload_for_good(self, i: int) -> None:
         host = self._host.pop(i)
+        if self.host_origin:
+            for p, h in zip(self._params[i], host):
+                p.data = torch.empty(h.shape, dtype=h.dtype, device=self.device).copy_(h)
+            self.copies += 1
+            self.bytes_copied += sum(h.numel() * h.element_size() for h in host)
+            return
         for p, h, original in zip(self._params[i], host, self._original[i]):
             if original is not None and original.device == self.device:
                 p.data = original  # the user's own tensor, unchanged (CPU: never moved)
@@ -202,6 +228,13 @@ class BlockStreamer:
             hook.remove()
         self._hooks.clear()
         self._drop_prefetched()
+        if self.host_origin:
+            for params, originals in zip(self._params, self._original):
+                for p, original in zip(params, originals):
+                    p.data = original
+            self._host.clear()
+            self._streamed = []
+            return
         for i in list(self._host):
             host = self._host.pop(i)
             for p, h, original in zip(self._params[i], host, self._original[i]):
@@ -228,36 +261,72 @@ def _placeholder(like: torch.Tensor, device: torch.device) -> torch.Tensor:
 class MemorySession:
     """One pipeline call under a memory plan (`hiflow_fast.memory_plan`), undone on exit.
 
-    Built before any work (the budget is parsed and the plan checked there); entered once the
-    prompt is encoded: the text encoders then leave the device, `stage(k)` applies stage k's
-    residency before the stage's entry VAE work, `stage(None)` takes every block off the device
-    for the final decode. Out of memory inside names the stage and points to --memory-budget,
-    with or without a plan."""
+    Built before any work (the budget is parsed and the plan checked there). `text_encoding()`
+    wraps the prompt encode (a pipeline loaded with a budget brings its text encoders onto the
+    device for it when they fit, hiflow_fast.host_placement). Entered once the prompt is
+    encoded: text encoders still on the device leave it; a lossy plan casts the blocks to fp8
+    (hiflow_fast.lossy_weights); `stage(k)` applies stage k's residency before the stage's entry
+    VAE work, `stage(None)` takes every block off the device for the final decode. On exit
+    everything is as it was: encoders back where they were, hooks removed, every parameter its
+    own tensor."""
 
     def __init__(self, pipe, plan=None):
         self.pipe = pipe
         self.plan = plan
         self.streamer: BlockStreamer | None = None
+        self.lossy_weights = None
+        self.placement = getattr(pipe, "placement", None)  # set by from_pretrained(memory_budget=...)
         self._moved: list[tuple[torch.nn.Module, torch.device]] = []
+
+    @property
+    def label(self) -> str | None:
+        """The plan's name ("exact-bfloat16", "lossy-fp8"), None without a plan."""
+        return None if self.plan is None else self.plan.name
+
+    @contextlib.contextmanager
+    def text_encoding(self):
+        """Yield the device the prompt is encoded on (the pipeline's unless a budget-loaded
+        pipeline's encoders do not fit the budget: then the CPU)."""
+        if self.plan is None or self.placement is None:
+            yield self.pipe.device
+            return
+        from .host_placement import text_encoders_for_encode
+
+        with text_encoders_for_encode(self.pipe, self.placement, self.plan.budget_bytes) as device:
+            yield device
 
     def __enter__(self) -> "MemorySession":
         if self.plan is None:
             return self
+        try:
+            self._enter()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _enter(self) -> None:
         device = self.pipe.device
         flux = self.pipe.flux_pipeline
         if self.plan.offload_text_encoders and flux is not None:
             for name in ("text_encoder", "text_encoder_2"):
                 module = getattr(flux, name, None)
-                try:
-                    first = next(module.parameters()) if module is not None else None
-                except StopIteration:
-                    first = None
-                if first is not None and first.device == device and device.type != "cpu":
+                if not isinstance(module, torch.nn.Module):
+                    continue
+                first = next(module.parameters(), None)
+                if first is not None and first.device == device:
+                    # On a CPU this is a no-op move; on a device it frees the encoders' memory.
                     self._moved.append((module, first.device))
                     module.to("cpu")
-        if self.plan.streams:
-            self.streamer = BlockStreamer(self.pipe.transformer, device, prefetch=max(1, self.plan.stages[0].prefetch or 1))
-        return self
+        host_origin = self.placement is not None
+        if not self.plan.exact:
+            from .lossy_weights import Fp8BlockWeights
+
+            self.lossy_weights = Fp8BlockWeights(self.pipe.transformer, self.pipe.dtype, pin=device.type == "cuda").apply()
+            host_origin = True  # the fp8 weights live in host memory
+        if self.plan.streams or host_origin:
+            self.streamer = BlockStreamer(self.pipe.transformer, device, prefetch=max(1, self.plan.stages[0].prefetch or 1),
+                                          host_origin=host_origin)
 
     def stage(self, k: int | None) -> None:
         """Apply stage k's residency (None: the final decode, no block on the device)."""
@@ -274,9 +343,14 @@ class MemorySession:
         try:
             if self.streamer is not None:
                 self.streamer.close()
-            for module, device in self._moved:
-                module.to(device)
         finally:
-            self.streamer = None
-            self._moved = []
+            try:
+                if self.lossy_weights is not None:
+                    self.lossy_weights.restore()
+            finally:
+                for module, device in self._moved:
+                    module.to(device)
+                self.streamer = None
+                self.lossy_weights = None
+                self._moved = []
         return False

@@ -154,6 +154,27 @@ class TransformerShape:
         d, h = self.hidden, self.head_dim
         return (3 * d * d + 3 * d) + 3 * (d * d + d) + 2 * h + (4 * d * d + 4 * d) + (5 * d * d + d)
 
+    def double_block_kept_params(self) -> int:
+        """Parameters of a double block that a lossy fp8 plan leaves at full precision: diffusers'
+        layerwise casting skips every module whose name contains "norm" (the model's
+        `_skip_layerwise_casting_patterns`): the two adaLN-Zero linears and the q/k RMSNorm scales."""
+        d, h = self.hidden, self.head_dim
+        return 2 * (6 * d * d + 6 * d) + 4 * h
+
+    def single_block_kept_params(self) -> int:
+        """As double_block_kept_params, for a single block: its adaLN linear and two RMSNorm scales."""
+        d, h = self.hidden, self.head_dim
+        return (3 * d * d + 3 * d) + 2 * h
+
+    def block_bytes(self, elem: int, lossy: str | None = None) -> list[int]:
+        """Bytes of every block in execution order: all parameters at `elem` bytes, or under a
+        lossy fp8 plan one byte each except the ones layerwise casting keeps at `elem`."""
+        if lossy is None:
+            return [p * elem for p in self.block_params()]
+        double = (self.double_block_params() - self.double_block_kept_params()) + self.double_block_kept_params() * elem
+        single = (self.single_block_params() - self.single_block_kept_params()) + self.single_block_kept_params() * elem
+        return [double] * self.double_blocks + [single] * self.single_blocks
+
     def other_params(self) -> int:
         """Everything outside the blocks: token and text embedders, timestep / guidance / pooled
         embedders, the output norm and projection."""
@@ -364,8 +385,7 @@ def plan_memory(
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or not 1 <= prefetch <= 4:
         raise HiFlowInputError("prefetch", prefetch, "1 to 4 blocks")
     elem = DTYPE_BYTES[dtype]
-    weight_elem = 1 if lossy == "fp8" else elem
-    block_bytes = [p * weight_elem for p in shape.block_params()]
+    block_bytes = shape.block_bytes(elem, lossy)
     fixed = shape.other_params() * elem + vae_params * elem
 
     plans: list[StagePlan] = []
@@ -514,27 +534,60 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(line for line in lines if line)
 
 
+LOSSY_CHOICES = ("fp8",)
+LOSSY_ALLOWED = "None (exact), or 'fp8': LOSSY, block weights stored in float8_e4m3fn (diffusers' layerwise casting)"
+
+
+def check_lossy(lossy, memory_budget, compile: bool, *, lossy_field: str = "lossy", budget_field: str = "memory_budget",
+                compile_field: str = "compile") -> None:
+    """A lossy request checked before any work: a known kind, made with a budget (a lossy plan is
+    a memory plan: the budget decides which fp8 blocks stay resident), and not with compile
+    (layerwise casting swaps each layer's weights on every forward, through diffusers hooks that
+    a captured CUDA graph would not replay)."""
+    if lossy is None:
+        return
+    if not isinstance(lossy, str) or lossy not in LOSSY_CHOICES:
+        raise HiFlowInputError(lossy_field, lossy, LOSSY_ALLOWED)
+    if memory_budget is None:
+        raise HiFlowInputError(lossy_field, lossy, f"None without {budget_field}: a lossy plan is a memory plan (give {budget_field}, e.g. 16GiB)")
+    if compile:
+        raise HiFlowInputError(compile_field, True, f"off with {lossy_field}={lossy!r}: layerwise casting hooks run on every forward, "
+                               "which a captured CUDA graph would not replay")
+
+
 def check_budget_without_weights(memory_budget, transformer_config: dict, config, dtype: str, *, compile: bool = False,
-                                 field: str = "memory_budget") -> None:
+                                 field: str = "memory_budget", lossy: str | None = None) -> None:
     """What plan_for_call checks, from the transformer's config.json alone, before any weight is
     read: the budget's form, that some plan fits it, and that it does not stream under compile.
     The VAE counts as 0 bytes here (its size is known once it is loaded), so a budget just above
     this minimum can still be refused by plan_for_call -- before the first step."""
+    cli = field.startswith("--")
+    check_lossy(lossy, memory_budget, compile, lossy_field="--lossy" if cli else "lossy", budget_field=field,
+                compile_field="--compile" if cli else "compile")
+    if memory_budget is None:
+        return
     shape = TransformerShape.from_config(transformer_config, text_tokens=int(config.max_sequence_length))
     stages = [StageSpec(config.height, config.width, config.num_inference_steps, True)]
     stages += [StageSpec(s.height, s.width, s.steps, False) for s in config.stages]
-    plan = plan_memory(memory_budget, stages, shape=shape, dtype=dtype, vae_params=0, field=field)
+    plan = plan_memory(memory_budget, stages, shape=shape, dtype=dtype, vae_params=0, field=field, lossy=lossy)
     if compile and plan.streams:
-        raise HiFlowInputError("--compile" if field.startswith("--") else "compile", True,
+        raise HiFlowInputError("--compile" if cli else "compile", True,
                                f"off with {field}={memory_budget!r}: its plan streams blocks, which CUDA graphs cannot replay")
 
 
 def plan_for_call(pipe, config, memory_budget, *, compile: bool = False, lossy: str | None = None):
     """The memory session of one pipeline call: the plan for `config`'s stages on `pipe`'s
-    transformer (shapes read from its config; nothing allocated), or no plan when
-    memory_budget is None. Raises HiFlowInputError before any work for a bad budget."""
+    transformer (shapes read from its config; nothing allocated), or no plan when there is no
+    budget. A pipeline loaded with a budget (`from_pretrained(memory_budget=...)`, its blocks in
+    host memory) always runs under a plan: its own budget unless the call gives one. `lossy`:
+    None (exact), or "fp8" (LOSSY, needs a budget). Raises HiFlowInputError before any work for
+    a bad budget or lossy request."""
     from .block_streaming import MemorySession
 
+    placement = getattr(pipe, "placement", None)
+    if memory_budget is None and placement is not None:
+        memory_budget = placement.memory_budget
+    check_lossy(lossy, memory_budget, compile)
     if memory_budget is None:
         return MemorySession(pipe, None)
     budget = parse_budget(memory_budget)
@@ -553,4 +606,8 @@ def plan_for_call(pipe, config, memory_budget, *, compile: bool = False, lossy: 
         raise HiFlowInputError(
             "compile", True, f"False with memory_budget={memory_budget!r}: its plan streams blocks, which CUDA graphs cannot replay"
         )
+    if lossy is not None:
+        from .lossy_weights import check_blocks_unhooked
+
+        check_blocks_unhooked(pipe.transformer)
     return MemorySession(pipe, plan)

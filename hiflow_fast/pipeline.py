@@ -35,7 +35,8 @@ from .ref.attention import duplicate_text
 from .ref.reference_flow import renoise
 from .schedule import Schedule, base_schedule
 from .fast_transformer import fast_transformer
-from .memory_plan import plan_for_call
+from .host_placement import place_host_resident
+from .memory_plan import parse_budget, plan_for_call
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class HiFlowOutput:
     latent_hw: tuple[int, int]
     seed: int | None
     stage_images: list[Any] = field(default_factory=list)  # one entry per stage, same type as `images`
+    memory_plan: str | None = None  # the memory plan's name ("exact-bfloat16", "lossy-fp8"); None: no plan
 
 
 class _SharpeningSigmas:
@@ -138,6 +140,7 @@ class HiFlowPipeline:
         self.vae = vae
         self.scheduler = scheduler
         self.flux_pipeline = flux_pipeline  # for prompt encoding and offloading, when wrapped
+        self.placement = None  # hiflow_fast.host_placement: set when loaded with a memory budget
         self.image_processor = VaeImageProcessor(vae_scale_factor=2 * L.VAE_DOWNSAMPLE)
 
     # -- construction -------------------------------------------------------------------------
@@ -149,11 +152,18 @@ class HiFlowPipeline:
         torch_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         load_text_encoders: bool = True,
+        memory_budget: str | int | float | None = None,
     ) -> "HiFlowPipeline":
         """Load a diffusers-format Flux folder (transformer/, vae/, scheduler/; text encoders
         and tokenizers optional). Only local files are read (safetensors; pickled weights are
         refused). The device, the dtype (a torch.dtype or its name) and the folder's files are
-        checked before any weights are read."""
+        checked before any weights are read.
+
+        memory_budget: load for a device of this size ("12GiB", "auto", ...): the weights are
+        read into host memory and only the transformer outside its blocks and the VAE go to
+        `device`; the blocks stay in host memory (pinned on CUDA) and each call's plan puts the
+        resident ones on the device and streams the rest (hiflow_fast.host_placement). Calls
+        then run under this budget unless they give their own."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         device = check_device(device, "device")
@@ -162,6 +172,7 @@ class HiFlowPipeline:
             raise HiFlowInputError("load_text_encoders", load_text_encoders, "True or False")
         root = os.fspath(model_dir) if isinstance(model_dir, (str, os.PathLike)) else model_dir
         check_model_dir(root, "model_dir")
+        budget_bytes = parse_budget(memory_budget) if memory_budget is not None else None
         try:
             transformer = FluxTransformer2DModel.from_pretrained(
                 root, subfolder="transformer", torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True
@@ -172,8 +183,9 @@ class HiFlowPipeline:
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
         except Exception as exc:  # diffusers raises several types for missing/corrupt files
             raise HiFlowModelError(f"could not load the Flux model in {root!r}: {exc}") from exc
-        transformer.to(device)
-        vae.to(device)
+        if budget_bytes is None:
+            transformer.to(device)
+            vae.to(device)
         flux_pipeline = None
         if load_text_encoders and all(
             os.path.isdir(os.path.join(root, sub)) for sub in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -187,8 +199,12 @@ class HiFlowPipeline:
             flux_pipeline = FluxPipeline.from_pretrained(
                 root, transformer=transformer, vae=vae, scheduler=scheduler, torch_dtype=torch_dtype, local_files_only=True
             )
-            flux_pipeline.to(device)
-        return cls(transformer, vae, scheduler, flux_pipeline=flux_pipeline)
+            if budget_bytes is None:
+                flux_pipeline.to(device)
+        pipe = cls(transformer, vae, scheduler, flux_pipeline=flux_pipeline)
+        if budget_bytes is not None:
+            pipe.placement = place_host_resident(pipe, device, memory_budget, budget_bytes)
+        return pipe
 
     @classmethod
     def from_flux_pipeline(cls, pipe) -> "HiFlowPipeline":
@@ -202,6 +218,8 @@ class HiFlowPipeline:
     # -- helpers ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        if self.placement is not None:
+            return self.placement.device
         if self.flux_pipeline is not None:
             return self.flux_pipeline._execution_device
         return next(self.transformer.parameters()).device
@@ -214,7 +232,8 @@ class HiFlowPipeline:
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4
 
-    def _encode_prompt(self, prompt, prompt_embeds, pooled_prompt_embeds, num_images_per_prompt, max_sequence_length):
+    def _encode_prompt(self, prompt, prompt_embeds, pooled_prompt_embeds, num_images_per_prompt, max_sequence_length,
+                       encode_device=None):
         device, dtype = self.device, self.dtype
         if prompt is not None and prompt_embeds is not None:
             raise HiFlowInputError("prompt", prompt, "either a prompt or prompt_embeds, not both")
@@ -230,11 +249,11 @@ class HiFlowPipeline:
         embeds, pooled, _ = self.flux_pipeline.encode_prompt(
             prompt=prompt,
             prompt_2=None,
-            device=device,
+            device=encode_device or device,
             num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=max_sequence_length,
         )
-        return embeds.to(dtype), pooled.to(dtype)
+        return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
 
     def _postprocess(self, image: torch.Tensor, output_type: str):
         return self.image_processor.postprocess(image.float(), output_type=output_type)
@@ -351,6 +370,7 @@ class HiFlowPipeline:
         callback: Callable[[StageStart | StepEnd], None] | None = None,
         progress: bool = True,
         memory_budget: str | int | None = None,
+        lossy: str | None = None,
     ) -> HiFlowOutput:
         """Generate with HiFlow.
 
@@ -374,7 +394,11 @@ class HiFlowPipeline:
             progress: show one progress bar per stage.
             memory_budget: run within this much device memory ("12GiB", "12GB", "12" = GiB, or
                 "auto": the free CUDA memory): blocks that do not fit are streamed from host
-                memory (hiflow_fast.memory_plan; same latents as without). None: no plan.
+                memory (hiflow_fast.memory_plan; same latents as without). None: the budget
+                the pipeline was loaded with, if any, else no plan.
+            lossy: None (exact), or "fp8": LOSSY, the blocks' weights stored in float8 for this
+                call (diffusers' layerwise casting; a different image, named in the log and in
+                `HiFlowOutput.memory_plan`). Needs a memory budget; undone after the call.
 
         Every argument is checked before the first step (HiFlowInputError naming it; see
         README "Errors"). NaN/Inf in the latents raises NonFiniteLatentsError naming the stage
@@ -392,12 +416,14 @@ class HiFlowPipeline:
         else:
             seed = generator.initial_seed()
         sigmas_for_sharpening = _SharpeningSigmas(config, seed)
-        memory = plan_for_call(self, config, memory_budget, compile=compile)  # memory budget: checked before any work
+        # memory budget and lossy plan: checked before any work
+        memory = plan_for_call(self, config, memory_budget, compile=compile, lossy=lossy)
 
         device, dtype = self.device, self.dtype
-        embeds, pooled = self._encode_prompt(
-            prompt, prompt_embeds, pooled_prompt_embeds, num_images_per_prompt, config.max_sequence_length
-        )
+        with memory.text_encoding() as encode_device:
+            embeds, pooled = self._encode_prompt(
+                prompt, prompt_embeds, pooled_prompt_embeds, num_images_per_prompt, config.max_sequence_length, encode_device
+            )
         batch = embeds.shape[0]
         channels = self.latent_channels
         txt_ids = L.text_ids(embeds.shape[1], device=device, dtype=dtype)
@@ -497,7 +523,7 @@ class HiFlowPipeline:
                 detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise StageOutOfMemoryError(stage_name, device, detail) from exc
             raise
-        return HiFlowOutput(images=images, latents=x, latent_hw=hw, seed=seed, stage_images=stage_images)
+        return HiFlowOutput(images=images, latents=x, latent_hw=hw, seed=seed, stage_images=stage_images, memory_plan=memory.label)
 
     @staticmethod
     def _stage_hw(config: HiFlowConfig, k: int) -> tuple[int, int]:
