@@ -69,6 +69,7 @@ _FLAG_OF_FIELD = {
     "backend": "--backend", "kernels": "--backend", "attention": "--attention",
     "prompt": "--prompt", "prompt_embeds": "--prompt-embeds", "pooled_prompt_embeds": "--prompt-embeds",
     "num_images_per_prompt": "--prompt-embeds", "model_dir": "--model", "output": "--output",
+    "memory_budget": "--memory-budget", "lossy": "--lossy", "compile": "--compile",
 }
 _FLAG_OF_STAGE_FIELD = {"height": "--target-sizes", "width": "--target-sizes", "height/width": "--target-sizes"}
 _FLAG_OF_STAGE_FIELD.update({field: flag for _, flag, _, field in STAGE_OPTIONS})
@@ -361,11 +362,11 @@ def _generate(args, typed: set[str]) -> int:
         transformer_config = check_model_dir(model_dir, "--model")
     except HiFlowInputError as exc:
         raise named(exc) from None
-    if args.memory_budget is not None:  # hiflow_fast.memory_cli adds --memory-budget
+    if args.memory_budget is not None or args.lossy is not None:  # hiflow_fast.memory_cli adds both flags
         from .memory_plan import check_budget_without_weights
 
         check_budget_without_weights(args.memory_budget, transformer_config, config, args.dtype, compile=args.compile,
-                                     field="--memory-budget")
+                                     field="--memory-budget", lossy=args.lossy)
     prompt, embeds, pooled = args.prompt, None, None
     if args.prompt_embeds:
         embeds, pooled = _load_prompt_embeds(args.prompt_embeds, "--prompt-embeds", transformer_config, config.max_sequence_length)
@@ -394,7 +395,7 @@ def _generate(args, typed: set[str]) -> int:
 
     dtype = getattr(torch, args.dtype)
     try:
-        pipe = HiFlowPipeline.from_pretrained(model_dir, torch_dtype=dtype, device=device)
+        pipe = HiFlowPipeline.from_pretrained(model_dir, torch_dtype=dtype, device=device, memory_budget=args.memory_budget)
         with OutputSet(overwrite=args.overwrite) as outputs:
             out = pipe(
                 prompt,
@@ -408,7 +409,8 @@ def _generate(args, typed: set[str]) -> int:
                 attention=args.attention,
                 compile=args.compile,
                 progress=not args.quiet,
-                memory_budget=args.memory_budget,  # hiflow_fast.memory_cli adds --memory-budget
+                memory_budget=args.memory_budget,  # hiflow_fast.memory_cli adds --memory-budget and --lossy
+                lossy=args.lossy,
             )
             metadata = {
                 "generator": "hiflow_fast",
@@ -426,6 +428,7 @@ def _generate(args, typed: set[str]) -> int:
                 "compile": args.compile,
                 "sharpening_sigma": config.sharpening_sigma if isinstance(config.sharpening_sigma, (str, float)) else list(config.sharpening_sigma),
                 "official_compat": config.official_compat,
+                "memory_plan": out.memory_plan,  # "lossy-fp8" marks a LOSSY run
                 **params,
             }
             path = output
@@ -446,7 +449,8 @@ def _generate(args, typed: set[str]) -> int:
         raise named(exc) from None
     if not args.quiet:
         first = out.images[0]
-        print(f"wrote {', '.join(written)} ({first.height}x{first.width}, seed {out.seed})")
+        lossy = f", LOSSY memory plan {out.memory_plan}" if args.lossy else ""
+        print(f"wrote {', '.join(written)} ({first.height}x{first.width}, seed {out.seed}{lossy})")
     return 0
 
 

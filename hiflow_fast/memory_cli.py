@@ -12,6 +12,7 @@ import json
 
 from .errors import HiFlowInputError
 from .memory_plan import (
+    LOSSY_CHOICES,
     DEFAULT_HOST_BANDWIDTH,
     DEFAULT_MATMUL_RATE,
     FLUX_DEV,
@@ -28,7 +29,10 @@ def add_memory_arguments(sub) -> None:
     """Register `plan` and add --memory-budget to `generate` (called once from cli.main)."""
     generate = sub.choices.get("generate")
     if generate is not None:
-        generate.add_argument("--memory-budget", help=BUDGET_HELP)
+        generate.add_argument("--memory-budget", help=BUDGET_HELP + "; the weights are loaded into host memory and only what the plan keeps resident goes to --device")
+        generate.add_argument("--lossy", choices=LOSSY_CHOICES,
+                              help="LOSSY, opt-in: fp8 = the transformer blocks' weights stored in float8 for the run "
+                              "(diffusers' layerwise casting; a different image, named in the PNG's metadata); needs --memory-budget")
     from .cli import HelpFormatter  # (cli imports this module at its top: imported here, once both exist)
 
     p = sub.add_parser("plan", help="print the memory plan for a budget (no weights loaded)", formatter_class=HelpFormatter,

@@ -549,7 +549,7 @@ def check_lossy(lossy, memory_budget, compile: bool, *, lossy_field: str = "loss
     if not isinstance(lossy, str) or lossy not in LOSSY_CHOICES:
         raise HiFlowInputError(lossy_field, lossy, LOSSY_ALLOWED)
     if memory_budget is None:
-        raise HiFlowInputError(lossy_field, lossy, f"None without {budget_field}: a lossy plan is a memory plan (give {budget_field}, e.g. 16GiB)")
+        raise HiFlowInputError(lossy_field, lossy, f"only together with {budget_field} (a lossy plan is a memory plan: the budget decides which fp8 blocks stay resident)")
     if compile:
         raise HiFlowInputError(compile_field, True, f"off with {lossy_field}={lossy!r}: layerwise casting hooks run on every forward, "
                                "which a captured CUDA graph would not replay")

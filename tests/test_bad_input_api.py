@@ -112,6 +112,9 @@ def no_weights_read(monkeypatch):
         (dict(torch_dtype=torch.int8), "torch_dtype"),
         (dict(torch_dtype=torch.float64), "torch_dtype"),
         (dict(load_text_encoders="yes"), "load_text_encoders"),
+        (dict(memory_budget="lots"), "memory_budget"),
+        (dict(memory_budget=-1), "memory_budget"),
+        (dict(memory_budget=float("nan")), "memory_budget"),
     ]
     + ([] if torch.cuda.is_available() else [(dict(device="cuda"), "device")]),
 )
@@ -209,6 +212,11 @@ def _call(pipe, embeddings, **kwargs):
         (dict(stage_noises=torch.zeros(1, 2, 3)), "stage_noises"),
         (dict(stage_noises=[torch.zeros(1, 2, 3)]), "stage_noises[0]"),
         (dict(stage_noises=[]), "stage_noises"),
+        (dict(memory_budget="1TiB-ish"), "memory_budget"),
+        (dict(memory_budget="64GiB", lossy="int4"), "lossy"),
+        (dict(memory_budget="64GiB", lossy=True), "lossy"),
+        (dict(lossy="fp8"), "lossy"),  # no budget: a lossy plan is a memory plan
+        (dict(memory_budget="64GiB", lossy="fp8", compile=True), "compile"),
     ],
 )
 def test_bad_call_argument(pipe, tiny_prompt, kwargs, field):

@@ -80,7 +80,7 @@ def test_numeric_option_out_of_range(tmp_path, capsys, no_model_load, flag, valu
 @pytest.mark.parametrize(
     "flag, value",
     [("--structure-guidance", "wavelet"), ("--upsampling", "nearest"), ("--dtype", "float64"),
-     ("--backend", "foo"), ("--attention", "foo"), ("--preset", "huge")],
+     ("--backend", "foo"), ("--attention", "foo"), ("--preset", "huge"), ("--lossy", "int4")],
 )
 def test_unknown_choice(tmp_path, capsys, no_model_load, flag, value):
     line = run_bad(tmp_path, capsys, [flag, value], flag)
@@ -111,6 +111,16 @@ def test_memory_budget_auto_without_a_gpu(tmp_path, capsys, no_model_load):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     assert "CUDA" in run_bad(tmp_path, capsys, ["--memory-budget", "auto"], "--memory-budget")
+
+
+def test_lossy_without_a_memory_budget(tmp_path, capsys, no_model_load):
+    line = run_bad(tmp_path, capsys, ["--lossy", "fp8"], "--lossy")
+    assert "--memory-budget" in line
+
+
+def test_lossy_with_compile(tmp_path, capsys, no_model_load):
+    line = run_bad(tmp_path, capsys, ["--lossy", "fp8", "--memory-budget", "64GiB", "--compile"], "--compile")
+    assert "--lossy" in line
 
 
 def test_stage_list_length_names_the_flag_typed(tmp_path, capsys, no_model_load):
