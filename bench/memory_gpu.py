@@ -6,7 +6,9 @@ steps of the 2K and 4K stages through the fast path:
 1. unconstrained, every block resident: the baseline step time (same process);
 2. per budget: the plan of hiflow_fast.memory_plan for the official cascade, the budget emulated
    with `torch.cuda.set_per_process_memory_fraction(budget / device memory)`, the stage's
-   resident blocks kept and the others streamed (hiflow_fast.block_streaming); measured: peak
+   resident blocks placed on the device from pinned host memory and the others streamed, as a
+   pipeline loaded with `memory_budget=` runs (hiflow_fast.host_placement, block_streaming;
+   with --lossy also the LOSSY fp8 plans, hiflow_fast.lossy_weights); measured: peak
    allocated and reserved bytes (torch.cuda.max_memory_*), the step time and its ratio to the
    resident step time;
 3. the host -> device bandwidth from pinned memory, measured in the same run.
@@ -19,6 +21,7 @@ path (`run_gpu(..., device="cpu")`) runs the same code on a tiny model for tests
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -72,7 +75,8 @@ def run_gpu(args, budgets: list[float], *, device: str = "cuda", model_size: str
     from hiflow_fast.bench import flux_shapes as fs
     from hiflow_fast.bench.bench_transformer import model_inputs
     from hiflow_fast.bench.common import case_skip_reason, make_record, markdown_table, start
-    from hiflow_fast.block_streaming import BlockStreamer
+    from hiflow_fast.block_streaming import BlockStreamer, transformer_blocks
+    from hiflow_fast.lossy_weights import Fp8BlockWeights
     from hiflow_fast.errors import HiFlowInputError
     from hiflow_fast.fast_transformer import fast_transformer
     from hiflow_fast.memory_plan import OFFICIAL_STAGES, TransformerShape, plan_memory, stage_specs
@@ -115,42 +119,52 @@ def run_gpu(args, budgets: list[float], *, device: str = "cuda", model_size: str
                             peak_allocated_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
                             peak_reserved_bytes=torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else None,
                             host_to_device_bytes_per_s=bandwidth))
-        with BlockStreamer(model, dev) as streamer:  # 2. per budget
-            for gib in budgets:
-                try:
-                    plan = plan_memory(int(gib * GIB), cascade, shape=shape)
-                except HiFlowInputError as exc:
-                    for name in stage_names:
-                        add(make_record("memory.stage_step", dev, f"budget-{gib:g}", None, None, environment, stage=name,
-                                        budget_gib=gib, plan=None, exact=True, skipped=f"no plan: {exc}"))
-                    continue
-                for name in stage_names:
-                    stage = plan.stages[GPU_STAGES[name]]
-                    extra = dict(stage=name, budget_gib=gib, plan=plan.name, exact=plan.exact,
-                                 resident_blocks=len(stage.resident_blocks), streamed_blocks=len(stage.streamed_blocks),
-                                 estimated_peak_bytes=stage.peak_bytes, host_to_device_bytes_per_s=bandwidth)
+        # 2. per budget, as a pipeline loaded with memory_budget= runs (hiflow_fast.host_placement):
+        # every block in pinned host memory, the plan's resident ones copied onto the device per
+        # stage, the others streamed. With --lossy, the fp8 plans too (hiflow_fast.lossy_weights).
+        for block in transformer_blocks(model):
+            for p in block.parameters():
+                p.data = p.data.to("cpu").pin_memory() if dev.type == "cuda" else p.data
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        for lossy in (None, "fp8") if getattr(args, "lossy", False) else (None,):
+            casting = Fp8BlockWeights(model, torch.bfloat16, pin=dev.type == "cuda") if lossy else contextlib.nullcontext()
+            with casting, BlockStreamer(model, dev, host_origin=True) as streamer:
+                for gib in budgets:
                     try:
-                        streamer.prefetch = max(1, stage.prefetch or 1)
-                        streamer.set_resident(stage.resident_blocks)
-                        if dev.type == "cuda":
-                            torch.cuda.empty_cache()
-                            torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), dev)
-                            torch.cuda.reset_peak_memory_stats(dev)
-                        times = _timed_steps(model, inputs[name], dev, args.sample_steps)
-                        step = statistics.median(times)
-                        add(make_record("memory.stage_step", dev, plan.name, None,
-                                        torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None, environment,
-                                        step_s=step, step_ratio=step / resident_times[name],
-                                        peak_allocated_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-                                        peak_reserved_bytes=torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else None,
-                                        fits=(torch.cuda.max_memory_reserved(dev) <= gib * GIB) if dev.type == "cuda" else None,
-                                        **extra))
-                    except Exception as exc:  # out of memory is a result; anything else a failure
-                        add(make_record("memory.stage_step", dev, plan.name, None, None, environment,
-                                        skipped=case_skip_reason(exc), **extra))
-                    finally:
-                        if dev.type == "cuda":
-                            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+                        plan = plan_memory(int(gib * GIB), cascade, shape=shape, lossy=lossy)
+                    except HiFlowInputError as exc:
+                        for name in stage_names:
+                            add(make_record("memory.stage_step", dev, f"budget-{gib:g}", None, None, environment, stage=name,
+                                            budget_gib=gib, plan=None, exact=lossy is None, skipped=f"no plan: {exc}"))
+                        continue
+                    for name in stage_names:
+                        stage = plan.stages[GPU_STAGES[name]]
+                        extra = dict(stage=name, budget_gib=gib, plan=plan.name, exact=plan.exact,
+                                     resident_blocks=len(stage.resident_blocks), streamed_blocks=len(stage.streamed_blocks),
+                                     estimated_peak_bytes=stage.peak_bytes, host_to_device_bytes_per_s=bandwidth)
+                        try:
+                            streamer.prefetch = max(1, stage.prefetch or 1)
+                            streamer.set_resident(stage.resident_blocks)
+                            if dev.type == "cuda":
+                                torch.cuda.empty_cache()
+                                torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), dev)
+                                torch.cuda.reset_peak_memory_stats(dev)
+                            times = _timed_steps(model, inputs[name], dev, args.sample_steps)
+                            step = statistics.median(times)
+                            add(make_record("memory.stage_step", dev, plan.name, None,
+                                            torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None, environment,
+                                            step_s=step, step_ratio=step / resident_times[name],
+                                            peak_allocated_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+                                            peak_reserved_bytes=torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else None,
+                                            fits=(torch.cuda.max_memory_reserved(dev) <= gib * GIB) if dev.type == "cuda" else None,
+                                            **extra))
+                        except Exception as exc:  # out of memory is a result; anything else a failure
+                            add(make_record("memory.stage_step", dev, plan.name, None, None, environment,
+                                            skipped=case_skip_reason(exc), **extra))
+                        finally:
+                            if dev.type == "cuda":
+                                torch.cuda.set_per_process_memory_fraction(1.0, dev)
     rows = [{"stage": r["stage"], "budget": r.get("budget_gib"), "plan": r.get("plan"),
              "step": "-" if r.get("step_s") is None else f"{r['step_s']:.3f} s",
              "ratio": "-" if r.get("step_ratio") is None else f"{r['step_ratio']:.2f}x",

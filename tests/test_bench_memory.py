@@ -7,6 +7,7 @@ count takes seconds; the 57-block, 4K count is `hiflow-fast bench memory --devic
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hiflow_fast.bench.bench_memory import CASCADES, count_budgets, parse_budgets
 from hiflow_fast.errors import HiFlowInputError
@@ -48,3 +49,23 @@ def test_gpu_variant_smoke_on_the_cpu():
 
     args = argparse.Namespace(sample_steps=1, gpu_stages="2k,4k")
     assert run_gpu(args, [8, 0.01], device="cpu", model_size="tiny") == 0
+
+
+def test_gpu_variant_streams_from_host_memory_and_runs_the_lossy_plans(monkeypatch):
+    """Its budget runs go the way of a budget-loaded pipeline (blocks host-origin), the fp8 plans too."""
+    import argparse
+
+    from hiflow_fast.bench import memory_gpu
+    from hiflow_fast.block_streaming import BlockStreamer
+
+    seen = []
+    real_init = BlockStreamer.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append((self.host_origin, any(p.dtype == torch.float8_e4m3fn for p in self._original[0])))
+
+    monkeypatch.setattr(BlockStreamer, "__init__", spy)
+    args = argparse.Namespace(sample_steps=1, gpu_stages="4k", lossy=True)
+    assert memory_gpu.run_gpu(args, [8], device="cpu", model_size="tiny") == 0
+    assert seen == [(True, False), (True, True)]

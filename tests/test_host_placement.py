@@ -224,3 +224,27 @@ def test_text_encoders_are_off_the_device_before_the_base_stage(tiny_model_dir, 
         assert moves and moves[-1] == "cpu", (name, events)
     if loaded_with_budget:  # brought to the device for the encode (the CPU here) first
         assert ("clip", "cpu") in before[:encode_at] and ("t5", "cpu") in before[:encode_at]
+
+
+# ---- on a GPU (bench/gpu_check's gpu_tests step) ---------------------------------------------
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_blocks_stay_in_pinned_host_memory_and_the_latents_are_the_resident_ones(tiny_model_dir, tiny_prompt):
+    resident = HiFlowPipeline.from_pretrained(tiny_model_dir, load_text_encoders=False, device="cuda")
+    host = HiFlowPipeline.from_pretrained(tiny_model_dir, load_text_encoders=False, device="cuda", memory_budget="4GiB")
+    blocks = _block_params(host.transformer)
+    for p in host.transformer.parameters():
+        assert (p.device.type == "cpu" and p.is_pinned()) if id(p) in blocks else p.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in host.vae.parameters())
+    expected = _run(resident, tiny_prompt).latents
+    assert torch.equal(_run(host, tiny_prompt).latents, expected)
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in host.transformer.parameters() if id(p) in blocks)
+    lossy = _run(host, tiny_prompt, lossy="fp8")
+    assert lossy.memory_plan == "lossy-fp8" and not torch.equal(lossy.latents, expected)
+    assert torch.equal(_run(host, tiny_prompt).latents, expected)
+    # A device-resident pipeline under a lossy call: its own device tensors come back, bit for bit.
+    before = {name: p.detach().clone() for name, p in resident.transformer.named_parameters()}
+    assert torch.equal(_run(resident, tiny_prompt, memory_budget="4GiB", lossy="fp8").latents, lossy.latents)
+    for name, p in resident.transformer.named_parameters():
+        assert p.device.type == "cuda" and torch.equal(p, before[name]), name

@@ -118,7 +118,11 @@ def test_lossy_plans_are_named_and_flagged():
     exact, lossy = plan_memory("12GiB"), plan_memory("12GiB", lossy="fp8")
     assert lossy.name == "lossy-fp8" and not lossy.exact and exact.exact
     assert all(s.weight_dtype == "float8_e4m3fn" for s in lossy.stages)
-    assert len(lossy.stages[2].resident_blocks) >= len(exact.stages[2].resident_blocks)
+    # fp8 keeps more of the model resident: compared in parameters (block counts depend on which
+    # residency order wins, double blocks being 2.4x the single ones).
+    params = FLUX_DEV.block_params()
+    resident = lambda plan: sum(params[i] for i in plan.stages[2].resident_blocks)  # noqa: E731
+    assert resident(lossy) > resident(exact)
     with pytest.raises(HiFlowInputError, match="lossy"):
         plan_memory("12GiB", lossy="int4")
 
