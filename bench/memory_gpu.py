@@ -124,7 +124,8 @@ def run_gpu(args, budgets: list[float], *, device: str = "cuda", model_size: str
         # stage, the others streamed. With --lossy, the fp8 plans too (hiflow_fast.lossy_weights).
         for block in transformer_blocks(model):
             for p in block.parameters():
-                p.data = p.data.to("cpu").pin_memory() if dev.type == "cuda" else p.data
+                if dev.type == "cuda":  # one device -> pinned host copy (~1 s for 23.8 GB), no pageable step
+                    p.data = torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(p.data)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         for lossy in (None, "fp8") if getattr(args, "lossy", False) else (None,):
