@@ -19,8 +19,9 @@ so sum_j exp(scale * q_i . k_j) = sum_j exp2(s_ij) = exp2(m) * l and the natural
 
     lse_i = ln(2) * (m + log2(l))        stored fp32 in lse[b, s, h]
 
-(any row has at least one key, so l >= 1 and m is finite). A constexpr switch: without it the
-store is compiled out, and the default path is the same machine code as before.
+(with S_k >= 1, l >= 1 and m is finite). A constexpr switch: without it the store is compiled
+out and lse_ptr is an unused argument (`out` stands in); the default path's registers and shared
+memory are unchanged (the compile matrix, `lse` column, compiles both variants).
 
 The full K blocks run unmasked; the one partial block at the end (S not a multiple of BLOCK_N)
 runs masked (-inf scores).
