@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--specs", required=True)
     parser.add_argument("--attention", default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--fail-rank", type=int, default=None, help="this rank raises before its first run (the others go on)")
     args = parser.parse_args()
     specs = args.specs.split(";")
     init_distributed(ParallelSpec.parse(specs[0]), "cpu", timeout_s=120)
@@ -58,6 +59,8 @@ def main() -> None:
 
     before = module_state(pipe.transformer)
     results = {}
+    if rank == args.fail_rank:
+        raise RuntimeError(f"rank {rank} fails on purpose")
     for spec in specs:
         pipe.enable_parallelism(spec)
         for name, config in PLANS.items():

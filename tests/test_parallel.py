@@ -149,6 +149,23 @@ def test_world_size_mismatch_is_one_error_on_every_rank(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_a_failing_rank_ends_every_rank(tmp_path, tiny_model_dir):
+    """Rank 1 dies before its first collective; rank 0 would wait in it. torchrun stops rank 0
+    (its own timeout is a backstop), so the launch ends at once, failed, and writes nothing."""
+    import time
+
+    started = time.monotonic()
+    out = tmp_path / "report.json"
+    result = torchrun(
+        2, os.path.join(TESTS_DIR, "parallel_worker.py"), "--model", tiny_model_dir, "--specs", "ring=2",
+        "--out", str(out), "--fail-rank", "1", timeout=240,
+    )
+    assert result.returncode != 0 and "rank 1 fails on purpose" in result.stderr
+    assert time.monotonic() - started < 120, "a rank waited for its dead peer"
+    assert not out.exists()
+
+
 # ---- specs and up-front checks (no processes) --------------------------------------------------
 
 
