@@ -8,17 +8,19 @@ fake Triton driver (bench/offline_compile.py), so the arguments, the specialisat
 autotuner's pruning are the ones a launch would see: flash attention for fp16/bf16, every head
 dim class the op accepts (16..256: one per padded tile width, plus non-powers of two, which are
 masked), RoPE on load on and off, every autotune config (pruned ones too: `selectable` says
-whether the autotuner may pick it on that target); qk_norm_rope at Flux's head dim (and 64);
+whether the autotuner may pick it on that target), and the log-sum-exp variant ring attention
+calls (STORE_LSE; `lse` rows) at Flux's head dim without RoPE; qk_norm_rope at Flux's head dim (and 64);
 the guidance kernels at the 4K latent (16 x 512 x 512, fp32). A row per compiled variant:
 
-    kernel, target, dtype, head_dim, rope, config, shared_bytes, shared_limit, launchable,
+    kernel, target, dtype, head_dim, rope, lse, config, shared_bytes, shared_limit, launchable,
     registers, spill_bytes, selectable
 
 (`launchable`: the kernel compiled and its shared memory fits the target's per-block limit;
 `spill_bytes`: ptxas's spill stores per thread; `stack_bytes`, also recorded, includes the small
 local array of libdevice's accurate sin/cos.) Exit status 1 when a selectable config
 cannot launch, or when the default Flux path spills (`default_path` rows: bf16, head dim 128,
-RoPE done by qk_norm_rope, i.e. attention without RoPE on load), the two checks CI makes.
+RoPE done by qk_norm_rope, i.e. attention without RoPE on load; with and without the lse store),
+the two checks CI makes.
 
 ptxas takes ~5-15 s per config on a small CPU: the full matrix (4 targets) is ~1 hour on 2
 cores, --reduced a few minutes. Triton caches compiled kernels (TRITON_CACHE_DIR, default
@@ -66,14 +68,17 @@ def flash_attention_cases(dtypes, head_dims) -> Iterator[tuple[dict[str, Any], A
 
     for dtype_name in dtypes:
         for head_dim in head_dims:
-            for rope in (False, True):
-                def run(launcher, head_dim=head_dim, rope=rope, dtype=DTYPES[dtype_name]):
+            # (RoPE on load, lse store): the lse variant (ring attention's) at Flux's head dim only.
+            variants = [(False, False), (True, False)] + ([(False, True)] if head_dim == FLUX_HEAD_DIM else [])
+            for rope, lse in variants:
+                def run(launcher, head_dim=head_dim, rope=rope, lse=lse, dtype=DTYPES[dtype_name]):
                     q, k, v, out = (torch.empty(1, FLUX_TOKENS, FLUX_HEADS, head_dim, dtype=dtype, device="meta") for _ in range(4))
                     ids = torch.empty(FLUX_TOKENS, 3, dtype=torch.float32, device="meta") if rope else None
+                    lse_out = torch.empty(1, FLUX_TOKENS, FLUX_HEADS, dtype=torch.float32, device="meta") if lse else None
                     launch_flash_attention(q, k, v, out, 0.088, ids, rope_pairs(head_dim) if rope else (0, 0, 0),
-                                           13.3, launcher=launcher)
+                                           13.3, lse=lse_out, launcher=launcher)
 
-                fields = dict(dtype=dtype_name, head_dim=head_dim, rope=rope,
+                fields = dict(dtype=dtype_name, head_dim=head_dim, rope=rope, lse=lse,
                               default_path=dtype_name == "bf16" and head_dim == FLUX_HEAD_DIM and not rope)
                 yield fields, run
 
@@ -163,7 +168,7 @@ def row(compiled: Compiled, target: int, fields: dict[str, Any], seconds: float)
     launchable = compiled.error is None and compiled.shared_bytes is not None and compiled.shared_bytes <= limit
     return dict(
         name=BENCH_NAME, kernel=compiled.kernel, target=f"sm_{target}", dtype=fields["dtype"],
-        head_dim=fields["head_dim"], rope=fields["rope"], config=compiled.config,
+        head_dim=fields["head_dim"], rope=fields["rope"], lse=fields.get("lse", False), config=compiled.config,
         shared_bytes=compiled.shared_bytes, shared_limit=limit, launchable=launchable,
         registers=compiled.registers, spill_bytes=compiled.spill_bytes, selectable=compiled.selectable,
         stack_bytes=compiled.stack_bytes,
@@ -176,7 +181,7 @@ def failures(rows: list[dict[str, Any]]) -> list[str]:
     """What CI fails on: a selectable config that cannot launch; a spill on the default Flux path."""
     found = []
     for r in rows:
-        where = f"{r['kernel']} {r['target']} {r['dtype']} D={r['head_dim']} rope={r['rope']} {r['config']}"
+        where = f"{r['kernel']} {r['target']} {r['dtype']} D={r['head_dim']} rope={r['rope']} lse={r.get('lse')} {r['config']}"
         if r["selectable"] and not r["launchable"]:
             found.append(f"selectable but cannot launch: {where} (shared {r['shared_bytes']} > {r['shared_limit']}; {r['error']})")
         if r["default_path"] and r["selectable"] and r["kernel"] == "flash_attention_kernel" and r["spill_bytes"]:
@@ -219,7 +224,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 COLUMNS = [("kernel", "kernel"), ("case", "case"), ("target", "target"), ("dtype", "dtype"), ("D", "head_dim"),
-           ("rope", "rope"), ("config", "config"), ("shared B", "shared_bytes"), ("limit", "shared_limit"),
+           ("rope", "rope"), ("lse", "lse"), ("config", "config"), ("shared B", "shared_bytes"), ("limit", "shared_limit"),
            ("launchable", "launchable"), ("regs", "registers"), ("spill B", "spill_bytes"),
            ("selectable", "selectable")]
 
@@ -246,7 +251,7 @@ def _main(argv: list[str] | None) -> int:
         r.update(environment)
         outputs.add([r])
         flag = "" if r["launchable"] else "  CANNOT LAUNCH"
-        print(f"{r['target']} {r['kernel']} {r['case'] or ''} {r['dtype']} D={r['head_dim']} rope={r['rope']} "
+        print(f"{r['target']} {r['kernel']} {r['case'] or ''} {r['dtype']} D={r['head_dim']} rope={r['rope']} lse={r['lse']} "
               f"{r['config']}: shared {r['shared_bytes']} regs {r['registers']} spill {r['spill_bytes']} "
               f"selectable {r['selectable']}{flag}", flush=True)
     problems = failures(outputs.records)

@@ -20,13 +20,14 @@ import importlib.metadata
 import importlib.resources
 import json
 import logging
+import math
 import os
 import re
 import sys
 from typing import Any, Sequence
 
 from . import __version__
-from .errors import HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, StageOutOfMemoryError
+from .errors import HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, ParallelDivergenceError, StageOutOfMemoryError
 from .memory_cli import add_memory_arguments
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -324,6 +325,35 @@ def _version_of(package: str) -> str | None:
         return None
 
 
+def _rank_prefix() -> str:
+    return f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process (RANK is torchrun's, set before init)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def parallel_spec_from_args(args, attention: str):
+    """The --parallel spec (None without the flag), checked against the other flags; no work."""
+    if args.parallel is None:
+        return None
+    from .parallel import ParallelSpec, check_backend, check_launch
+
+    spec = ParallelSpec.parse(args.parallel, "--parallel")
+    check_backend(spec, attention, "--attention")
+    timeout = _parse_number("--parallel-timeout", args.parallel_timeout, float)
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise HiFlowInputError("--parallel-timeout", args.parallel_timeout, "a number of seconds > 0")
+    args.parallel_timeout = timeout
+    if args.compile:
+        raise HiFlowInputError("--compile", True, "off with --parallel (CUDA graphs are not captured across ranks)")
+    if getattr(args, "memory_budget", None) is not None:
+        raise HiFlowInputError("--memory-budget", args.memory_budget, "none with --parallel (streaming is not planned per rank yet)")
+    check_launch(spec, args.device, "--parallel")
+    return spec
+
+
 def _generate(args, typed: set[str]) -> int:
     import torch
 
@@ -350,6 +380,7 @@ def _generate(args, typed: set[str]) -> int:
         attention = resolve_backend_name(args.attention)
     except HiFlowInputError as exc:
         raise named(exc) from None
+    spec = parallel_spec_from_args(args, attention)
     output = args.output
     if not output.lower().endswith(".png"):
         raise HiFlowInputError("--output", output, "a .png path")
@@ -362,6 +393,10 @@ def _generate(args, typed: set[str]) -> int:
         transformer_config = check_model_dir(model_dir, "--model")
     except HiFlowInputError as exc:
         raise named(exc) from None
+    if spec is not None:
+        from .parallel import check_heads
+
+        check_heads(spec, int(transformer_config.get("num_attention_heads", 0)), "--parallel")
     if args.memory_budget is not None or args.lossy is not None:  # hiflow_fast.memory_cli adds both flags
         from .memory_plan import check_budget_without_weights
 
@@ -388,14 +423,22 @@ def _generate(args, typed: set[str]) -> int:
     # overhead (5 bytes per 16 KiB block) and the metadata (a few KiB).
     png_bytes = lambda h, w: 3 * h * w + h + (3 * h * w) // 16384 * 5 + 65536  # noqa: E731
     bytes_each = [png_bytes(*final)] * len(images) + [png_bytes(*sizes[k]) for each in stage_images for k in range(len(each))]
-    check_output_paths(paths, overwrite=args.overwrite, field="--output", bytes_each=bytes_each)
+    writes = _is_main_process()  # under --parallel only rank 0 writes files
+    if writes:
+        check_output_paths(paths, overwrite=args.overwrite, field="--output", bytes_each=bytes_each)
 
     # 4. The run; its files are moved into place only when all of them are written.
     from .pipeline import HiFlowPipeline
 
     dtype = getattr(torch, args.dtype)
     try:
+        if spec is not None:
+            from .parallel import init_distributed
+
+            device = init_distributed(spec, device, timeout_s=args.parallel_timeout)
         pipe = HiFlowPipeline.from_pretrained(model_dir, torch_dtype=dtype, device=device, memory_budget=args.memory_budget)
+        if spec is not None:
+            pipe.enable_parallelism(spec)
         with OutputSet(overwrite=args.overwrite) as outputs:
             out = pipe(
                 prompt,
@@ -426,6 +469,7 @@ def _generate(args, typed: set[str]) -> int:
                 "backend": backend,
                 "attention": attention,
                 "compile": args.compile,
+                "parallel": str(spec) if spec is not None else None,
                 "sharpening_sigma": config.sharpening_sigma if isinstance(config.sharpening_sigma, (str, float)) else list(config.sharpening_sigma),
                 "official_compat": config.official_compat,
                 "memory_plan": out.memory_plan,  # "lossy-fp8" marks a LOSSY run
@@ -433,7 +477,7 @@ def _generate(args, typed: set[str]) -> int:
             }
             path = output
             try:
-                for i, path in enumerate(images):
+                for i, path in enumerate(images if writes else []):
                     extra = {"batch_index": i, "batch_size": batch} if batch > 1 else {}
                     for k, path in enumerate(stage_images[i]):
                         outputs.write(path, _png_writer(out.stage_images[k][i], {**metadata, **extra, "stage": k}))
@@ -447,7 +491,7 @@ def _generate(args, typed: set[str]) -> int:
                 ) from None
     except HiFlowInputError as exc:
         raise named(exc) from None
-    if not args.quiet:
+    if not args.quiet and writes:
         first = out.images[0]
         lossy = f", LOSSY memory plan {out.memory_plan}" if args.lossy else ""
         print(f"wrote {', '.join(written)} ({first.height}x{first.width}, seed {out.seed}{lossy})")
@@ -500,6 +544,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="kernel backend of the guidance step and q/k norm + RoPE (default: $HIFLOW_BACKEND, else auto: triton on a GPU, ref on a CPU; native only when asked for, see README)")
     p.add_argument("--attention", choices=registered_backends(), help="attention backend (default: $HIFLOW_ATTENTION, else sdpa); some need a GPU or a package")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (+ CUDA graphs on a GPU)")
+    p.add_argument("--parallel", metavar="SPEC", help="context parallelism under torchrun: ulysses=N, ring=N or ulysses=N,ring=M (product = processes); see README 'Multi-GPU'")
+    p.add_argument("--parallel-timeout", default="600", metavar="SECONDS", help="with --parallel: a collective waiting longer than this ends the run on every rank")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no summary line")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.set_defaults(run=_generate)
@@ -577,16 +623,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("error: interrupted; no output file was written", file=sys.stderr)
         return 130
-    except (HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, StageOutOfMemoryError) as exc:
+    except (HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, StageOutOfMemoryError, ParallelDivergenceError) as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # Under torchrun every rank checks the same arguments: one copy of an input error is enough.
+        if not (isinstance(exc, HiFlowInputError) and not _is_main_process()):
+            print(f"error: {_rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         if debug:
             raise
         detail = (str(exc).strip().splitlines() or [""])[0]
-        print(f"error: {type(exc).__name__}: {detail} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{type(exc).__name__}: {detail} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-tolerance", type=float, default=STEP_TOLERANCE, help="unit checks")
     parser.add_argument("--chained-tolerance", type=float, default=CHAINED_STEP_TOLERANCE, help="per-step, end to end")
     parser.add_argument("--final-tolerance", type=float, default=FINAL_TOLERANCE, help="final latents")
+    parser.add_argument("--parallel", default=None, metavar="SPEC", help="under torchrun: ulysses=N, ring=N or ulysses=N,ring=M (CPU, gloo)")
+    parser.add_argument("--parallel-timeout", type=float, default=600.0, metavar="SECONDS", help="with --parallel: collective timeout")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     try:
         args = parser.parse_args(argv)
@@ -324,7 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         from .io import check_output_path
         from .pipeline import HiFlowPipeline
 
-        if args.save_latents:
+        spec = None
+        if args.parallel is not None:
+            from .attention_backends import resolve_backend_name
+            from .parallel import ParallelSpec, check_backend, check_launch
+
+            spec = ParallelSpec.parse(args.parallel, "--parallel")
+            check_backend(spec, resolve_backend_name(args.attention), "--attention")
+            check_launch(spec, "cpu")
+            if not (math.isfinite(args.parallel_timeout) and args.parallel_timeout > 0):
+                raise HiFlowInputError("--parallel-timeout", args.parallel_timeout, "a number of seconds > 0")
+        main_rank = os.environ.get("RANK", "0") == "0"  # under --parallel only rank 0 reports and writes
+        if args.save_latents and main_rank:
             check_output_path(args.save_latents, overwrite=args.overwrite, field="--save-latents")
         for flag, path in (("--case", args.case), ("--params", args.params)):
             if not os.path.isfile(path):
@@ -338,7 +351,13 @@ def main(argv: list[str] | None = None) -> int:
             raise HiFlowInputError("--case", args.case, f"a golden case .pt loadable with weights_only=True ({type(exc).__name__})") from None
         params = dict(meta["params"])
         params["seed"] = meta["seed"]
+        if spec is not None:
+            from .parallel import init_distributed
+
+            init_distributed(spec, "cpu", timeout_s=args.parallel_timeout)
         pipe = HiFlowPipeline.from_pretrained(args.model, load_text_encoders=False)
+        if spec is not None:
+            pipe.enable_parallelism(spec)
         checks, final = run_case(
             case,
             params,
@@ -354,12 +373,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from .cli import cli_error
 
-        print(f"error: {cli_error(exc) if isinstance(exc, HiFlowInputError) else exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank checks the same arguments
+            print(f"error: {cli_error(exc) if isinstance(exc, HiFlowInputError) else exc}", file=sys.stderr)
         return 2
+    failed = [c for c in checks if not c.ok]
+    if not main_rank:
+        return 1 if failed else 0
     width = max(len(c.name) for c in checks)
     for c in checks:
         print(f"{c.name:<{width}}  rel_l2={c.error:.3e}  tol={c.tolerance:.0e}  {'ok' if c.ok else 'FAIL'}")
-    failed = [c for c in checks if not c.ok]
     print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
     if args.save_latents:
         atomic_torch_save(final.detach().cpu(), args.save_latents, overwrite=args.overwrite)

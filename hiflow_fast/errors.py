@@ -83,3 +83,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     message = (str(exc).strip().splitlines() or [""])[0]
     return isinstance(exc, RuntimeError) and any(s in message for s in _OUT_OF_MEMORY_MESSAGES)
+
+
+class ParallelDivergenceError(RuntimeError):
+    """Under context parallelism, the ranks' latents differ after a stage; they must be
+    replicated bit for bit (hiflow_fast.parallel.check_replicated)."""

@@ -242,13 +242,13 @@ class FastHiFlowAttnProcessor(HiFlowAttnProcessor):
             **in_place,
         )
 
-        scale = self.softmax_scale(key.shape[1], query.shape[-1])
         if self.rope_in_attention:
             from .ops.flash_attention import RopeSpec, flash_attention
 
+            scale = self.softmax_scale(key.shape[1], query.shape[-1])
             hidden_states = flash_attention(query, key, value, scale, rope=RopeSpec(rope.ids, rope.axes_dim, rope.theta))
         else:
-            hidden_states = self.attention_fn(query, key, value, scale)
+            hidden_states = self.attend(query, key, value)
         del query, key, value
         return self.project_out(attn, hidden_states.flatten(2, 3), encoder_hidden_states)
 
@@ -487,10 +487,29 @@ class FastTransformerPatch:
         self.graphs: GraphedCallable | None = None
         self.compiled = False
         self._first_call_seconds: dict[tuple, float] = {}
+        self._base_processor: HiFlowAttnProcessor | None = None
+
+    def use_parallel(self, run) -> None:
+        """Run every stage under context parallelism `run` (hiflow_fast.parallel.ParallelRun).
+
+        The base stage then uses HiFlow's processor with the standard 1/sqrt(d) scale and SDPA
+        (the computation of diffusers' own processor) instead of the transformer's processors:
+        diffusers' native backend has neither ring attention nor uneven lengths with both modes."""
+        if self.processor.rope_in_attention or self.compiled or self.graphs is not None:
+            raise HiFlowInputError("parallel", str(run.spec), "a fast path without rope_in_attention, compile or CUDA graphs")
+        self.processor.use_parallel(run)
+        self._base_processor = HiFlowAttnProcessor(proportional=False, attention="sdpa")
+        self._base_processor.use_parallel(run)
+        if self.mode == "base":
+            self.use_base()
 
     def use_base(self) -> None:
-        """Base stage: the transformer's own processors, RoPE tables at theta x 1."""
-        self.transformer.set_attn_processor(dict(self._original_processors))
+        """Base stage: the transformer's own processors (HiFlow's standard-scale one under
+        context parallelism), RoPE tables at theta x 1."""
+        if self._base_processor is not None:
+            self.transformer.set_attn_processor(self._base_processor)
+        else:
+            self.transformer.set_attn_processor(dict(self._original_processors))
         self.pos_embed.ntk_factor = 1.0
         self.pos_embed.fused = False
         self.mode = "base"

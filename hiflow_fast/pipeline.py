@@ -12,6 +12,7 @@ scheduler is only ever deep-copied, and no global RNG is read or written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -37,6 +38,7 @@ from .schedule import Schedule, base_schedule
 from .fast_transformer import fast_transformer
 from .host_placement import place_host_resident
 from .memory_plan import parse_budget, plan_for_call
+from . import parallel as P
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +137,37 @@ def _unique_seed() -> int:
 class HiFlowPipeline:
     """HiFlow on a diffusers Flux transformer, VAE and flow-matching scheduler."""
 
-    def __init__(self, transformer, vae, scheduler, *, flux_pipeline=None):
+    def __init__(self, transformer, vae, scheduler, *, flux_pipeline=None, parallel=None):
         self.transformer = transformer
         self.vae = vae
         self.scheduler = scheduler
         self.flux_pipeline = flux_pipeline  # for prompt encoding and offloading, when wrapped
         self.placement = None  # hiflow_fast.host_placement: set when loaded with a memory budget
         self.image_processor = VaeImageProcessor(vae_scale_factor=2 * L.VAE_DOWNSAMPLE)
+        self._parallel: P.ParallelRun | None = None
+        if parallel is not None:
+            self.enable_parallelism(parallel)
+
+    # -- context parallelism --------------------------------------------------------------------
+    def enable_parallelism(self, parallel) -> None:
+        """Split every transformer call by sequence over the default process group (launch
+        with torchrun; hiflow_fast.parallel.init_distributed joins it): "ulysses=N", "ring=N",
+        "ulysses=N,ring=M", a ParallelSpec or a diffusers ContextParallelConfig. Checked now
+        (heads, world size); applied per call and removed afterwards. Latents stay replicated:
+        every rank returns the same output."""
+        spec = P.as_parallel_spec(parallel, "parallel")
+        if spec is None:
+            raise HiFlowInputError("parallel", None, "a parallel spec (use disable_parallelism() to turn it off)")
+        P.check_heads(spec, int(self.transformer.config.num_attention_heads))
+        P.check_process_group(spec)
+        self._parallel = P.ParallelRun(spec)
+
+    def disable_parallelism(self) -> None:
+        self._parallel = None
+
+    @property
+    def parallel(self) -> "P.ParallelSpec | None":
+        return None if self._parallel is None else self._parallel.spec
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -345,7 +371,13 @@ class HiFlowPipeline:
         )
         # Backends: resolved here so that an unknown or unavailable one is refused before any step.
         resolve_backend(backend, device=self.device, field="backend")
-        resolve_backend_name(attention)
+        attention_name = resolve_backend_name(attention)
+        if self._parallel is not None:
+            spec = self._parallel.spec
+            P.check_process_group(spec)
+            P.check_backend(spec, attention_name)
+            if compile:
+                raise HiFlowInputError("compile", compile, f"False with parallel={str(spec)!r} (CUDA graphs are not captured across ranks)")
         return config
 
     # -- generation ---------------------------------------------------------------------------
@@ -416,8 +448,15 @@ class HiFlowPipeline:
         else:
             seed = generator.initial_seed()
         sigmas_for_sharpening = _SharpeningSigmas(config, seed)
+        if self._parallel is not None and (memory_budget is not None or self.placement is not None):
+            raise HiFlowInputError(
+                "memory_budget", memory_budget if memory_budget is not None else self.placement.memory_budget,
+                f"None with parallel={str(self._parallel.spec)!r} (block streaming is not planned per rank yet)",
+            )
         # memory budget and lossy plan: checked before any work
         memory = plan_for_call(self, config, memory_budget, compile=compile, lossy=lossy)
+        parallel = self._parallel
+        progress = progress and P.is_main_rank()  # one set of progress bars per run
 
         device, dtype = self.device, self.dtype
         with memory.text_encoding() as encode_device:
@@ -456,7 +495,9 @@ class HiFlowPipeline:
         try:
             with fast_transformer(
                 self.transformer, proportional=proportional, attention=attention, kernels=backend, compile=compile
-            ) as patch, memory:
+            ) as patch, memory, (parallel.applied(self.transformer) if parallel else contextlib.nullcontext()):
+                if parallel is not None:
+                    patch.use_parallel(parallel)
                 memory.stage(0)  # memory budget: the base stage's resident blocks
                 patch.use_base()
                 stage_name = f"the base stage ({config.height}x{config.width})"
@@ -466,6 +507,8 @@ class HiFlowPipeline:
                 )
                 self._forget_unneeded(x0_by_index, stage_starts, 0)
                 _check_steps_finite(nonfinite, stage_name)
+                if parallel is not None:
+                    P.check_replicated(x, stage_name)
                 with V.vae_tiling(self.vae, True):  # the official pipeline tiles the VAE after the base stage
                     prev_image = None
                     for k, stage in enumerate(config.stages, start=1):
@@ -507,6 +550,8 @@ class HiFlowPipeline:
                         )
                         self._forget_unneeded(x0_by_index, stage_starts, k)
                         _check_steps_finite(nonfinite, stage_name)
+                        if parallel is not None:
+                            P.check_replicated(x, stage_name)
                     memory.stage(None)  # memory budget: no block on the device for the final decode
                     final_target = self._stage_hw(config, len(config.stages))
                     images = None

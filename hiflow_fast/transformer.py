@@ -68,6 +68,21 @@ class HiFlowAttnProcessor(FluxAttnProcessor):
         super().__init__()
         self.proportional = proportional
         self.attention_name, self.attention_fn = get_attention_backend(attention)
+        self.parallel = None  # a hiflow_fast.parallel.ParallelRun under context parallelism
+        self._parallel_attention = None
+
+    def use_parallel(self, run) -> None:
+        """Attend through context parallelism `run` (a ParallelRun), or locally when None."""
+        self.parallel = run
+        self._parallel_attention = None if run is None else run.attention(self.attention_name, self.attention_fn)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention of the joint sequence [B, S, H, D]. Under context parallelism the tensors
+        hold this rank's tokens, and the scale comes from the whole sequence's length."""
+        head_dim = query.shape[-1]
+        if self.parallel is None:
+            return self.attention_fn(query, key, value, self.softmax_scale(key.shape[1], head_dim))
+        return self._parallel_attention(query, key, value, self.softmax_scale(self.parallel.joint_tokens, head_dim))
 
     def __call__(
         self,
@@ -96,7 +111,7 @@ class HiFlowAttnProcessor(FluxAttnProcessor):
             cos, sin = image_rotary_emb
             query = apply_rope(query, cos, sin)
             key = apply_rope(key, cos, sin)
-        hidden_states = self.attention_fn(query, key, value, self.softmax_scale(key.shape[1], query.shape[-1]))
+        hidden_states = self.attend(query, key, value)
         return self.project_out(attn, hidden_states.flatten(2, 3).to(query.dtype), encoder_hidden_states)
 
     def softmax_scale(self, key_length: int, head_dim: int) -> float:

@@ -13,6 +13,16 @@ softmax (Dao et al., FlashAttention-2; Triton tutorial 06):
     l     = alpha * l + rowsum(p)         acc = alpha * acc + p @ v
     out   = acc / l
 
+Log-sum-exp (STORE_LSE, for ring attention, which merges the partial outputs of K/V chunks by
+it): after the last block, m is the row max of the base-2 scores and l = sum_j exp2(s_ij - m),
+so sum_j exp(scale * q_i . k_j) = sum_j exp2(s_ij) = exp2(m) * l and the natural-log value is
+
+    lse_i = ln(2) * (m + log2(l))        stored fp32 in lse[b, s, h]
+
+(with S_k >= 1, l >= 1 and m is finite). A constexpr switch: without it the store is compiled
+out and lse_ptr is an unused argument (`out` stands in); the default path's registers and shared
+memory are unchanged (the compile matrix, `lse` column, compiles both variants).
+
 The full K blocks run unmasked; the one partial block at the end (S not a multiple of BLOCK_N)
 runs masked (-inf scores).
 
@@ -52,6 +62,8 @@ from hiflow_fast.kernels.qk_norm_rope import fp32_split, launch_qk_norm_rope
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
+# ln(2): turns the kernel's base-2 log-sum-exp into the natural-log one it stores.
+LN2 = tl.constexpr(0.6931471805599453)
 # CPU interpreter: ~0.5 ms per operation whatever the tile size, so tiles are as large as
 # Triton allows (BLOCK_M x BLOCK_N <= 2^20 elements) and numpy does the work: 1024 x 1024.
 INTERPRET_BLOCK = 1024
@@ -125,6 +137,7 @@ def flash_attention_kernel(
     k_ptr,
     v_ptr,
     out_ptr,
+    lse_ptr,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -137,6 +150,9 @@ def flash_attention_kernel(
     stride_ob,
     stride_os,
     stride_oh,
+    stride_lb,
+    stride_ls,
+    stride_lh,
     num_heads,
     seq_q,
     seq_k,
@@ -148,8 +164,10 @@ def flash_attention_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
-    """Grid (cdiv(seq_q, BLOCK_M), B * H). qk_scale = softmax scale * log2(e)."""
+    """Grid (cdiv(seq_q, BLOCK_M), B * H). qk_scale = softmax scale * log2(e). With STORE_LSE,
+    also lse[b, s, h] (fp32, natural log; `lse_ptr` and its strides are ignored without it)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_heads).to(tl.int64)
@@ -222,6 +240,11 @@ def flash_attention_kernel(
     out = acc / l_i[:, None]
     out_ptrs = out_ptr + b * stride_ob + h * stride_oh + row0 * stride_os + rows[:, None] * stride_os + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if STORE_LSE:
+        # Base-2 running max and sum -> natural log (see the module docstring).
+        lse = (m_i + tl.math.log2(l_i)) * LN2
+        lse_ptrs = lse_ptr + b * stride_lb + h * stride_lh + (row0 + rows) * stride_ls
+        tl.store(lse_ptrs, lse, mask=mask_m)
 
 
 # ---- configs: chosen per architecture, pruned before anything is compiled ----------------------
@@ -343,7 +366,9 @@ flash_attention_kernel_autotuned = (
         configs=[_as_config(c) for c in CANDIDATE_CONFIGS],
         # seq_bucket: the next power of two of the sequence length, so the 2K stage's tuning
         # does not decide the 4K stage's config (and a few tokens more do not re-tune).
-        key=["HEAD_DIM", "INPUT_PRECISION", "seq_bucket"],
+        # STORE_LSE: the log-sum-exp variant is tuned on its own (its lse_ptr is fp32 where the
+        # plain one passes `out`, and the autotuner keys on argument dtypes anyway; said here).
+        key=["HEAD_DIM", "INPUT_PRECISION", "seq_bucket", "STORE_LSE"],
         prune_configs_by={"early_config_prune": _prune_configs},
         # Timings kept across processes in Triton's cache dir (TRITON_CACHE_DIR, default
         # ~/.triton/cache), keyed by triton's version, the target, the kernel source, the key
@@ -388,6 +413,7 @@ def launch_flash_attention(
     axes_pairs: tuple[int, int, int] = (0, 0, 0),
     theta: float = 10000.0,
     *,
+    lse=None,
     launcher=None,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -398,7 +424,8 @@ def launch_flash_attention(
     num_warps: 8 for 128-row tiles, else 4; and num_stages), else the interpreter's large
     tiles on CPU, else autotuned on the GPU among the configs that fit it. With `ids` (RoPE
     positions [S, n_axes], `axes_pairs` pairs per axis, `theta` with any NTK factor), q and k
-    are first rotated once into new buffers by qk_norm_rope's rotation-only mode."""
+    are first rotated once into new buffers by qk_norm_rope's rotation-only mode. With `lse`
+    (fp32 [B, S_q, H], any strides), the kernel variant that also stores the row log-sum-exp."""
     if ids is not None:
         q, k = rotate_qk(q, k, ids, axes_pairs, theta, launcher=launcher)
     batch, seq_q, num_heads, head_dim = q.shape
@@ -410,12 +437,16 @@ def launch_flash_attention(
         UPCAST=INTERPRET,
         # "ieee": no TF32 for fp32 inputs; fp16/bf16 dots ignore the setting ("tf32" is the default).
         INPUT_PRECISION="ieee" if q.dtype.itemsize == 4 else "tf32",
+        STORE_LSE=lse is not None,
     )
+    # Without lse the kernel never touches lse_ptr (the store is compiled out): `out` stands in.
+    lse_arg, lse_strides = (lse, lse.stride()) if lse is not None else (out, (0, 0, 0))
     args = (
         q,
         k,
         v,
         out,
+        lse_arg,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -428,6 +459,7 @@ def launch_flash_attention(
         out.stride(0),
         out.stride(1),
         out.stride(2),
+        *lse_strides,
         num_heads,
         seq_q,
         seq_k,

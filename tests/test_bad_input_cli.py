@@ -367,3 +367,34 @@ def test_debug_raises_the_error_for_its_traceback(tmp_path, no_model_load):
         main(["generate", "--steps", "0", "--debug", "--output", str(tmp_path / "x.png")])
     assert info.value.field == "--steps"
     assert os.listdir(tmp_path) == []
+
+
+# ---- --parallel (context parallelism under torchrun) ----------------------------------------
+TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+PARALLEL_CASES = [
+    (["--parallel", "ulysses=0"], "--parallel"),
+    (["--parallel", "fsdp=2"], "--parallel"),
+    (["--parallel", "ring=2.5"], "--parallel"),
+    (["--parallel", "ulysses=1,ring=1"], "--parallel"),
+    (["--parallel", "ring=2,ring=2"], "--parallel"),
+    (["--parallel", "ulysses=2"], "--parallel"),  # not under torchrun
+    (["--parallel", "ulysses=2", "--compile"], "--compile"),
+    (["--parallel", "ulysses=2", "--memory-budget", "8GiB"], "--memory-budget"),
+    (["--parallel", "ulysses=2", "--parallel-timeout", "nan"], "--parallel-timeout"),
+    (["--parallel", "ulysses=2", "--parallel-timeout", "-5"], "--parallel-timeout"),
+    (["--parallel", "ulysses=2", "--parallel-timeout", "soon"], "--parallel-timeout"),
+]
+
+
+@pytest.mark.parametrize("args, flag", PARALLEL_CASES, ids=[" ".join(a) for a, _ in PARALLEL_CASES])
+def test_parallel_flags(tmp_path, capsys, no_model_load, args, flag):
+    run_bad(tmp_path, capsys, args, flag)
+
+
+@pytest.mark.parametrize("spec, why", [("ring=2", "product"), ("ulysses=4", "heads")])
+def test_parallel_checked_against_launch_and_model(tmp_path, capsys, no_model_load, monkeypatch, spec, why):
+    """Under a (pretend) torchrun of 4 processes: a spec for another world size, and a Ulysses
+    degree the embedded model's 2 heads cannot split over, are refused before any weight."""
+    for name, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert why in run_bad(tmp_path, capsys, ["--parallel", spec], "--parallel")

@@ -1,10 +1,11 @@
 """The offline compile matrix, reduced (bench/bench_compile.py --reduced): every config the
-attention autotuner may select for bf16 at head dims 128 and 256, and the RoPE pass, compiled
-with the real Triton JIT and ptxas for sm_80, sm_86, sm_89 and sm_90, with no GPU.
+attention autotuner may select for bf16 at head dims 128 and 256 (at 128 also the log-sum-exp
+variant ring attention calls), and the RoPE pass, compiled with the real Triton JIT and ptxas
+for sm_80, sm_86, sm_89 and sm_90, with no GPU.
 
 Fails when a selectable config cannot launch (shared memory over the target's per-block limit)
 or when the default Flux path (bf16, head dim 128, RoPE done by qk_norm_rope, so attention
-without RoPE) spills. The compile runs in a subprocess (this session's kernels are interpreted:
+without RoPE; with or without the lse store) spills. The compile runs in a subprocess (this session's kernels are interpreted:
 TRITON_INTERPRET=1) with a private, empty Triton cache, so every kernel is really compiled:
 ~2-4 minutes on 2 cores. Deselect with `-m "not compile_matrix"`.
 """
@@ -61,6 +62,8 @@ def test_every_selectable_config_launches_and_the_default_path_does_not_spill(re
         default = [r for r in attention if r["target"] == target and r["default_path"]]
         assert default, f"no default-path config compiled for {target}"
         assert all(r["spill_bytes"] == 0 and r["launchable"] for r in default)
+        # Both variants of the default path: plain and with the lse store (ring attention).
+        assert {r["lse"] for r in default} == {False, True}, f"default path lacks a variant on {target}"
         wide = [r for r in attention if r["target"] == target and r["head_dim"] == 256]
         assert wide and all(r["launchable"] for r in wide), f"head dim 256 cannot launch on {target}"
         rope_pass = [r for r in rows if r["target"] == target and r["kernel"] == "qk_norm_rope_kernel"]
@@ -88,7 +91,7 @@ def test_pruning_bound_holds_for_every_compiled_config(reduced_matrix):
 
 
 def test_failures_flags_unlaunchable_and_spilling_rows():
-    base = dict(kernel="flash_attention_kernel", target="sm_86", dtype="bf16", head_dim=128, rope=False,
+    base = dict(kernel="flash_attention_kernel", target="sm_86", dtype="bf16", head_dim=128, rope=False, lse=False,
                 config="128x64 w8 s3", shared_bytes=98304, shared_limit=SHARED_LIMIT[86], launchable=True,
                 registers=255, spill_bytes=0, selectable=True, default_path=True, error=None)
     assert bench_compile.failures([base]) == []

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from hiflow_fast.errors import HiFlowInputError
 from hiflow_fast.kernels.flash_attention import launch_flash_attention
-from hiflow_fast.ops.flash_attention import RopeSpec, flash_attention
-from hiflow_fast.ref.attention import attention, proportional_attention_scale
+from hiflow_fast.ops.flash_attention import RopeSpec, flash_attention, flash_attention_with_lse
+from hiflow_fast.ref.attention import attention, attention_with_lse, proportional_attention_scale
 from hiflow_fast.ref.rope import apply_rope, ntk_rope_cos_sin
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,23 +116,24 @@ def test_compiled_fullgraph_equals_eager():
     assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v), fn(q, k, v))
 
 
-@pytest.mark.parametrize(
-    "change,field",
-    [
-        (dict(q=torch.zeros(1, 4, 2, 8)), "head_dim"),
-        (dict(q=torch.zeros(1, 4, 2, 16, dtype=torch.float64)), "q.dtype"),
-        (dict(v=torch.zeros(1, 5, 2, 16)), "v.shape"),
-        (dict(k=torch.zeros(1, 4, 3, 16), v=torch.zeros(1, 4, 3, 16)), "k.shape"),
-        (dict(q=torch.zeros(1, 4, 16)), "q.shape"),
-        (dict(k=torch.zeros(1, 4, 2, 32)[..., ::2], v=torch.zeros(1, 4, 2, 16)), "k.stride(-1)"),
-    ],
-)
-def test_bad_input_names_the_field(change, field):
+BAD_INPUTS = [
+    (dict(q=torch.zeros(1, 4, 2, 8)), "head_dim"),
+    (dict(q=torch.zeros(1, 4, 2, 16, dtype=torch.float64)), "q.dtype"),
+    (dict(v=torch.zeros(1, 5, 2, 16)), "v.shape"),
+    (dict(k=torch.zeros(1, 4, 3, 16), v=torch.zeros(1, 4, 3, 16)), "k.shape"),
+    (dict(q=torch.zeros(1, 4, 16)), "q.shape"),
+    (dict(k=torch.zeros(1, 4, 2, 32)[..., ::2], v=torch.zeros(1, 4, 2, 16)), "k.stride(-1)"),
+]
+
+
+@pytest.mark.parametrize("entry", [flash_attention, flash_attention_with_lse], ids=["out", "with_lse"])
+@pytest.mark.parametrize("change,field", BAD_INPUTS)
+def test_bad_input_names_the_field(change, field, entry):
     args = dict(q=torch.zeros(1, 4, 2, 16), k=torch.zeros(1, 4, 2, 16), v=torch.zeros(1, 4, 2, 16))
     args.update(change)
     args = {key: value.to(DEVICE) for key, value in args.items()}
     with pytest.raises(HiFlowInputError) as info:
-        flash_attention(**args)
+        entry(**args)
     assert info.value.field == field
 
 
@@ -154,6 +155,95 @@ def test_bad_rope_names_the_field():
     with pytest.raises(HiFlowInputError) as info:
         flash_attention(q, q, q, rope=RopeSpec(torch.zeros(5, 3, device=DEVICE), (4, 6, 6)))
     assert info.value.field == "rope.ids.shape"
+
+
+# ---- the log-sum-exp variant (ring attention merges K/V chunks by it) --------------------------
+
+# Per input dtype: relative L2 of `out` against the fp32 reference on the same (rounded) inputs
+# (the output's own rounding: about eps / 3, eps = 2^-8 bf16, 2^-11 fp16, plus P rounded to V's
+# dtype on a GPU), and the largest absolute lse error (fp32 in every case: only the summation
+# order differs from the reference).
+OUT_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+LSE_TOL = {torch.float32: 1e-5, torch.float16: 5e-5, torch.bfloat16: 5e-5}
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def reference_with_lse(q, k, v, scale):
+    """fp32 oracle on the (possibly rounded) inputs: out unrounded, lse [B, S_q, H]."""
+    return attention_with_lse(q.float(), k.float(), v.float(), scale)
+
+
+@pytest.mark.parametrize("dtype", list(OUT_TOL), ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("head_dim", [16, 72, 128])
+def test_lse_and_out_match_reference_odd_cross_lengths(dtype, head_dim):
+    """Batch 2, S_q = 37 != S_k = 53, 3 heads; 16 x 16 blocks force 3 query blocks and 4 K/V
+    blocks (the last one partial), so the lse goes through the running max's rescaling; lse
+    written into a poisoned, non-contiguous [B, H, S] buffer seen as [B, S, H]."""
+    q, k, v = qkv(2, 37, 53, 3, head_dim, seed=100 + head_dim, dtype=dtype, spread=1.5)
+    scale = proportional_attention_scale(53, head_dim) * 1.7
+    want_out, want_lse = reference_with_lse(q, k, v, scale)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((2, 3, 37), float("nan"), device=DEVICE).transpose(1, 2)
+    launch_flash_attention(q, k, v, out, scale, lse=lse, block_m=16, block_n=16)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert rel_l2(out, want_out) < OUT_TOL[dtype]
+    assert (lse - want_lse).abs().max().item() < LSE_TOL[dtype]
+    # The op (the interpreter's single large block on CPU): the same within the same tolerances.
+    got_out, got_lse = flash_attention_with_lse(q, k, v, scale)
+    assert got_out.dtype == dtype and got_lse.dtype == torch.float32 and got_lse.shape == (2, 37, 3)
+    assert rel_l2(got_out, want_out) < OUT_TOL[dtype]
+    assert (got_lse - want_lse).abs().max().item() < LSE_TOL[dtype]
+
+
+def test_lse_variant_leaves_out_unchanged():
+    """Same blocks with and without STORE_LSE: bit-identical outputs (the store is an epilogue)."""
+    q, k, v = qkv(2, 29, 41, 2, 32, seed=7, dtype=torch.bfloat16, spread=2.0)
+    plain, with_lse = torch.empty_like(q), torch.empty_like(q)
+    launch_flash_attention(q, k, v, plain, 0.3, block_m=16, block_n=16)
+    launch_flash_attention(q, k, v, with_lse, 0.3, lse=torch.empty(2, 29, 2, device=DEVICE), block_m=16, block_n=16)
+    assert torch.equal(plain, with_lse)
+
+
+def ring_merge(parts):
+    """diffusers' TemplatedRingAttention merge over K/V chunks, in fp32 (its convert_to_fp32)."""
+    out, lse = None, None
+    for part_out, part_lse in parts:
+        part_out, part_lse = part_out.float(), part_lse.float()[..., None]
+        if out is None:
+            out, lse = part_out, part_lse
+        else:
+            out = out - torch.sigmoid(part_lse - lse) * (out - part_out)
+            lse = lse - F.logsigmoid(lse - part_lse)
+    return out, lse[..., 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("chunks", [(26, 27), (17, 19, 17)], ids=["halves", "thirds"])
+def test_ring_merge_of_kv_chunks_equals_full_attention(chunks, dtype):
+    """Attending to K/V chunk by chunk and merging by the lse (the ring formula) gives full
+    attention over all 53 keys; scores up to ~50 (spread 3) so an lse off by the log base or
+    by the max would show."""
+    q, k, v = qkv(2, 37, sum(chunks), 3, 32, seed=21 + len(chunks), dtype=dtype, spread=3.0)
+    scale = 0.35
+    parts = [flash_attention_with_lse(q, k_part, v_part, scale)
+             for k_part, v_part in zip(k.split(chunks, dim=1), v.split(chunks, dim=1))]
+    merged_out, merged_lse = ring_merge(parts)
+    want_out, want_lse = reference_with_lse(q, k, v, scale)
+    # bf16: each chunk's output is rounded to bf16 before the merge (as on a ring).
+    assert rel_l2(merged_out, want_out) < OUT_TOL[dtype]
+    assert (merged_lse - want_lse).abs().max().item() < 2 * LSE_TOL[dtype]
+
+
+def test_lse_op_compiled_fullgraph_equals_eager():
+    q, k, v = qkv(1, 40, 24, 2, 16, seed=3)
+
+    def fn(q, k, v):
+        out, lse = flash_attention_with_lse(q * 1.0, k, v, 0.3)
+        return out + 1.0, lse * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    eager = fn(q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
 
 
 def _selectable_configs(head_dim, dtype):
@@ -194,6 +284,45 @@ def test_every_selectable_config_at_flux_shapes_within_twice_torch_bf16_error(he
                                num_warps=warps, num_stages=stages)
         err = rel_l2(out, oracle)
         assert err <= budget, f"config {block_m}x{block_n} w{warps} s{stages}: {err:.3g} > {budget:.3g}"
+
+
+# lse at Flux shapes (scores in fp32 from bf16 inputs, summed in another order than the
+# reference): far below any error of the log base (a factor ln 2) or of the running max (O(1)).
+GPU_LSE_TOL = 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.attention_configs
+def test_lse_variant_every_selectable_config_and_ring_merge_at_flux_shapes():
+    """The STORE_LSE variant as ring attention calls it (bf16, head dim 128, Flux's 1K joint
+    sequence, 24 heads): every config the autotuner may pick, forced one by one, then the op
+    (autotuned); out within twice PyTorch's own bf16 error, lse within GPU_LSE_TOL of the fp32
+    reference; and two K/V halves merged by the ring formula equal full attention as closely."""
+    seq, heads, head_dim = 512 + 4096, 24, 128
+    q32, k32, v32 = qkv(1, seq, seq, heads, head_dim, seed=31, spread=1.5)
+    q, k, v = (t.to(torch.bfloat16) for t in (q32, k32, v32))
+    scale = proportional_attention_scale(seq, head_dim)
+    oracle_out, oracle_lse = reference_with_lse(q, k, v, scale)
+    budget = 2 * rel_l2(sdpa(q, k, v, scale), oracle_out)
+    configs = _selectable_configs(head_dim, torch.bfloat16)
+    assert configs
+    for block_m, block_n, warps, stages in configs:
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((1, seq, heads), float("nan"), device=DEVICE)
+        launch_flash_attention(q, k, v, out, scale, lse=lse, block_m=block_m, block_n=block_n,
+                               num_warps=warps, num_stages=stages)
+        where = f"config {block_m}x{block_n} w{warps} s{stages}"
+        assert rel_l2(out, oracle_out) <= budget, where
+        assert (lse - oracle_lse).abs().max().item() < GPU_LSE_TOL, where
+    out, lse = flash_attention_with_lse(q, k, v, scale)
+    assert rel_l2(out, oracle_out) <= budget
+    assert (lse - oracle_lse).abs().max().item() < GPU_LSE_TOL
+    half = seq // 2
+    parts = [flash_attention_with_lse(q, k_part, v_part, scale)
+             for k_part, v_part in zip(k.split(half, dim=1), v.split(half, dim=1))]
+    merged_out, merged_lse = ring_merge(parts)
+    assert rel_l2(merged_out, oracle_out) <= budget
+    assert (merged_lse - oracle_lse).abs().max().item() < GPU_LSE_TOL
 
 
 @pytest.mark.parametrize("cc,limit", [(80, 166_912), (86, 101_376), (89, 101_376), (90, 232_448)])

@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.runtime.autotuner import Autotuner
 
 from hiflow_fast.ops import guidance_ops
-from hiflow_fast.ops.flash_attention import RopeSpec, flash_attention
+from hiflow_fast.ops.flash_attention import RopeSpec, flash_attention, flash_attention_with_lse
 from hiflow_fast.ops.qk_norm_rope import qk_norm_rope
 from hiflow_fast.ops.registration import is_interpreted
 
@@ -49,7 +49,8 @@ class AllOps(torch.nn.Module):
         qn, kn = qk_norm_rope(q, k, ids=ids, axes_dim=[8, 12, 12], theta=10000.0)
         out = flash_attention(qn, kn, v)
         out_rope = flash_attention(q, k, v, rope=RopeSpec(ids, (8, 12, 12)))
-        return x_next, v_new, v_ref, out, out_rope
+        out_lse, lse = flash_attention_with_lse(qn, kn, v)
+        return x_next, v_new, v_ref, out, out_rope, out_lse, lse
 
 
 with FakeTensorMode():
@@ -60,12 +61,22 @@ with FakeTensorMode():
     ids = torch.empty(40, 3, device=cuda)
     graph, _ = aot_export_module(AllOps(), [sample, model_output, ref_x0, q, k, v, ids], trace_joint=False)
 
+# The lse op's traced outputs (the graph's last two): out like q, lse [B, S_q, H] fp32.
+out_lse, lse = (node.meta["val"] for node in next(n for n in graph.graph.nodes if n.op == "output").args[0][-2:])
+assert out_lse.shape == (2, 40, 3, 32) and out_lse.dtype == torch.bfloat16, (out_lse.shape, out_lse.dtype)
+assert lse.shape == (2, 40, 3) and lse.dtype == torch.float32, (lse.shape, lse.dtype)
+
 kernels = []
 for node in graph.graph.nodes:
     if node.op == "call_function" and "triton_kernel_wrapper" in str(node.target):
         kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
         kernel = kernel.fn if isinstance(kernel, Autotuner) else kernel  # the autotuned attention
-        kernels.append(kernel.__name__)
+        name = kernel.__name__
+        if name == "flash_attention_kernel":  # which variant: with or without the lse store
+            # Constants sit in the node's kwargs or, on some torch versions, in the side table.
+            args = {**kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]), **node.kwargs["kwargs"]}
+            name += f" STORE_LSE={args['STORE_LSE']}"
+        kernels.append(name)
     assert not str(node.target).startswith("hiflow_fast."), f"op left opaque: {node.target}"
 print("KERNELS", json.dumps(kernels))
 """
@@ -85,9 +96,11 @@ def test_gpu_path_traces_every_op_into_its_triton_kernels(tmp_path):
         "haar_lowpass_kernel",
         "guided_velocity_kernel",
         "qk_norm_rope_kernel",
-        "flash_attention_kernel",
+        "flash_attention_kernel STORE_LSE=False",
         # RoPE with the attention: one rotation pass (qk_norm_rope's kernel, norm off), then the
         # plain attention kernel (see kernels/flash_attention.py for why not on load).
         "qk_norm_rope_kernel",
-        "flash_attention_kernel",
+        "flash_attention_kernel STORE_LSE=False",
+        # flash_attention_with_lse: the same kernel with the lse store compiled in.
+        "flash_attention_kernel STORE_LSE=True",
     ]

@@ -1,6 +1,12 @@
 """hiflow_fast::flash_attention -- our tiled Triton flash attention as a torch custom op.
 
     flash_attention(q, k, v, scale=None, *, rope=None) -> out        all [B, S, H, D]
+    flash_attention_with_lse(q, k, v, scale=None) -> (out, lse)       lse [B, S_q, H] fp32
+
+The second (op `hiflow_fast::flash_attention_lse`) also returns the row log-sum-exp,
+lse[b, s, h] = logsumexp_t(scale * q[b, s, h] . k[b, t, h]) (natural log), which ring attention
+needs to merge the partial outputs of its K/V chunks (diffusers' TemplatedRingAttention):
+    out = o1 - sigmoid(l2 - l1) * (o1 - o2),  lse = l1 - logsigmoid(l1 - l2).
 
 Non-causal softmax attention with any scale (HiFlow's proportional attention), head dims 16 to
 256, fp16/bf16 (fp32 for tests), optionally rotating q and k by RoPE first
@@ -74,6 +80,23 @@ def _flash_attention_op(
     return out
 
 
+def _flash_attention_lse_fake(q, k, v, scale):
+    batch, seq_q, heads, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(batch, seq_q, heads, dtype=torch.float32, device=q.device))
+
+
+@kernel_op("hiflow_fast::flash_attention_lse", mutates_args=(), interpreted=INTERPRET, fake=_flash_attention_lse_fake)
+def _flash_attention_lse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(scale q k^T) v, logsumexp(scale q k^T)) on [B, S, H, D]; inputs validated by
+    `flash_attention_with_lse`."""
+    batch, seq_q, heads, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, seq_q, heads, dtype=torch.float32, device=q.device)
+    launch_flash_attention(q, k, v, out, scale, lse=lse, launcher=kernel_launcher(INTERPRET))
+    return out, lse
+
+
 def check_flash_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeSpec | None = None) -> None:
     """HiFlowInputError (field, value, allowed values) for anything the kernel cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -127,3 +150,16 @@ def flash_attention(
     return torch.ops.hiflow_fast.flash_attention(
         q, k, v, float(scale), rope.ids.float(), list(rope.axes_dim), float(rope.theta)
     )
+
+
+def flash_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for q [B, S_q, H, D], k and v [B, S_k, H, D] (non-causal): out as
+    `flash_attention` (q's dtype), lse [B, S_q, H] fp32 the natural-log log-sum-exp of each
+    query row's scaled scores, logsumexp_t(scale * q_s . k_t). scale defaults to 1/sqrt(D).
+    No RoPE here: rotate q and k first (ops.qk_norm_rope), as the Flux blocks do."""
+    check_flash_attention_inputs(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.hiflow_fast.flash_attention_lse(q, k, v, float(scale))

@@ -50,3 +50,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
     weights = torch.softmax(qf @ kf.transpose(-1, -2) * scale, dim=-1)
     return (weights @ vf).transpose(1, 2).to(q.dtype)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention` and its row log-sum-exp: (out [B, S_q, H, D] in q's dtype, lse [B, S_q, H]
+    fp32 with lse[b, s, h] = logsumexp_t(scale * q[b, s, h] . k[b, t, h]), natural log), the
+    oracle for attention kernels that return the lse (ring attention merges chunks by it)."""
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    scores = qf @ kf.transpose(-1, -2) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse[..., None]) @ vf
+    return out.transpose(1, 2).to(q.dtype), lse.transpose(1, 2).contiguous()

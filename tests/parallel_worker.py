@@ -1,0 +1,90 @@
+"""Run under torchrun by tests/test_parallel.py: HiFlow with context parallelism against the
+single-process pipeline, on the CPU (gloo).
+
+    torchrun --nproc-per-node N tests/parallel_worker.py --model DIR --specs "ulysses=2;ring=2" --out FILE.json
+
+Every rank runs each spec on a square and a non-square plan (swin patchify on); then rank 0
+runs the same plans in one process and writes, per spec and plan, the relative L2 of the final
+latents against it, whether every rank returned the same latents, and whether the transformer
+was left as it was found."""
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from hiflow_fast.config import HiFlowConfig, HiResStage
+from hiflow_fast.parallel import ParallelSpec, init_distributed
+from hiflow_fast.pipeline import HiFlowPipeline
+
+PLANS = {
+    # Base grids 16x16 / 16x24 latents; the swin-padded steps give odd token counts
+    # (e.g. 17 x 25 = 425 image tokens), which split unevenly over every world size tested.
+    "square": HiFlowConfig(height=128, width=128, num_inference_steps=4, stages=(HiResStage(256, 256, steps=3),)),
+    "non-square": HiFlowConfig(
+        height=128, width=192, num_inference_steps=4, stages=(HiResStage(192, 320, steps=3), HiResStage(256, 384, steps=2))
+    ),
+}
+
+
+def module_state(transformer) -> list:
+    """What a call may change on the user's transformer: instance attributes and processors."""
+    return [sorted(vars(m)) for m in transformer.modules()] + [
+        type(p).__name__ for p in transformer.attn_processors.values()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--specs", required=True)
+    parser.add_argument("--attention", default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--fail-rank", type=int, default=None, help="this rank raises before its first run (the others go on)")
+    args = parser.parse_args()
+    specs = args.specs.split(";")
+    init_distributed(ParallelSpec.parse(specs[0]), "cpu", timeout_s=120)
+    rank = dist.get_rank()
+    pipe = HiFlowPipeline.from_pretrained(args.model, load_text_encoders=False)
+    embeds = load_file(os.path.join(args.model, "prompt_embeds.safetensors"))
+
+    def run(config):
+        return pipe(
+            prompt_embeds=embeds["prompt_embeds"], pooled_prompt_embeds=embeds["pooled_prompt_embeds"], config=config,
+            seed=11, output_type="latent", progress=False, attention=args.attention,
+        ).latents
+
+    before = module_state(pipe.transformer)
+    results = {}
+    if rank == args.fail_rank:
+        raise RuntimeError(f"rank {rank} fails on purpose")
+    for spec in specs:
+        pipe.enable_parallelism(spec)
+        for name, config in PLANS.items():
+            latents = run(config)
+            gathered = [torch.empty_like(latents) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, latents.contiguous())
+            results[f"{spec} {name}"] = {
+                "latents": latents,
+                "replicated": all(torch.equal(g, latents) for g in gathered),
+            }
+    restored = module_state(pipe.transformer) == before
+    pipe.disable_parallelism()
+    if rank == 0:
+        report = {"state_restored": restored, "runs": {}}
+        single = {name: run(config) for name, config in PLANS.items()}
+        for key, entry in results.items():
+            reference = single[key.split(" ", 1)[1]]
+            error = ((entry["latents"].double() - reference.double()).norm() / reference.double().norm()).item()
+            report["runs"][key] = {"rel_l2": error, "replicated": entry["replicated"]}
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
