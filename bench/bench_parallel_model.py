@@ -33,8 +33,12 @@ GOAL = ("4k", 8, "nvlink4", 6.5)
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hiflow-fast bench parallel_model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--measured", type=Path, help="JSON of a single-GPU GPU run: bench e2e records or gpu_check.json "
-                                                       "(default: none; every input assumed)")
+    parser.add_argument("--measured", type=Path, nargs="+", metavar="FILE",
+                        help="JSON files of a single-GPU GPU run: bench e2e (and bench guidance) records, or "
+                             "gpu_check.json (default: none; every input assumed)")
+    parser.add_argument("--measured-only", action="store_true",
+                        help="leave out a stage whose inputs the --measured files do not give, instead of assuming them "
+                             "(bench/gpu_check: seconds, no FLOP counting of the VAE)")
     parser.add_argument("--stages", default="4k,2k", help=f"comma list of {', '.join(pm.STAGES)}")
     parser.add_argument("--gpus", default="2,4,8", help="comma list of GPU counts (>= 2)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of ulysses, ring, both")
@@ -76,12 +80,19 @@ def _main(argv: list[str] | None) -> int:
     inputs: dict[str, pm.StageInputs] = {}
     for name in args.stages:
         stage = pm.STAGES[name]
-        found = pm.measured_inputs(records_in, stage, transformer, text_tokens, str(args.measured)) if records_in else None
+        shown = ", ".join(str(p) for p in args.measured or [])
+        found = pm.measured_inputs(records_in, stage, transformer, text_tokens, shown) if records_in else None
+        if found is None and args.measured_only:
+            print(f"  {name}: left out: {shown or 'no --measured file'} holds no single-GPU e2e record of the full model on a GPU")
+            continue
         if records_in is not None and found is None:
-            print(f"  {args.measured}: no single-GPU e2e record of the full model on a GPU; {name} inputs assumed")
+            print(f"  {shown}: no single-GPU e2e record of the full model on a GPU; {name} inputs assumed")
         inputs[name] = found or pm.assumed_inputs(stage, transformer, text_tokens)
 
     records, sections = [], []
+    if not inputs:
+        sections.append("No stage modelled: no GPU measurement was given (--measured-only). "
+                        "`hiflow-fast bench parallel_model` without it models every input as assumed.\n")
     for name, stage_inputs in inputs.items():
         kind = "measured on one GPU" if stage_inputs.measured else "ASSUMED (no GPU measurement given)"
         lines = [f"### {name} stage ({stage_inputs.stage.size}, {stage_inputs.stage.steps} steps) -- {pm.MODEL_LABEL}", "",

@@ -312,8 +312,15 @@ def predict(inputs: StageInputs, ulysses: int, ring: int, link: Link, transforme
 # ---- inputs: measured (a GPU run's JSON) or assumed (FLOPs at stated rates) -----------------
 
 
-def load_records(path) -> list[dict[str, Any]]:
-    """The records of a benchmark JSON: a list (`bench NAME --json`) or gpu_check.json's `records`."""
+def load_records(paths) -> list[dict[str, Any]]:
+    """The records of benchmark JSONs (one path or several): each a list (`bench NAME --json`) or
+    a gpu_check.json with `records`."""
+    if not isinstance(paths, (list, tuple)):
+        paths = [paths]
+    return [record for path in paths for record in _load_one(path)]
+
+
+def _load_one(path) -> list[dict[str, Any]]:
     try:
         with open(path) as f:
             data = json.load(f)
@@ -401,10 +408,12 @@ def measured_inputs(records: list[dict[str, Any]], stage: StageSpec, transformer
     if guidance_s is None:
         guidance_s = guidance_bytes(grid) / float(record["copy_bandwidth_bytes_per_s"])
         guidance_how = "measured: its bytes over the run's measured copy bandwidth"
-    entry_flops = lambda s: _entry_flops(s)  # noqa: E731
-    entry_s = float(record["entry_s"]) * entry_flops(stage) / entry_flops(measured_stage)
+    # Tiled VAE work (both stages' entries decode the previous size and encode this one, in
+    # 1024-pixel tiles) grows with the pixel count.
+    pixels = lambda s: s.height * s.width + s.previous[0] * s.previous[1]  # noqa: E731
+    entry_s = float(record["entry_s"]) * pixels(stage) / pixels(measured_stage)
     sources = {
-        "entry_s": f"measured, scaled: e2e entry_s of {size} x the VAE FLOPs ratio",
+        "entry_s": f"measured, scaled: e2e entry_s of {size} x the pixel ratio (tiled VAE work grows with the pixels)",
         "transformer_step_s": f"measured, scaled: {size}'s transformer step at its measured {rate / 1e12:.0f} TFLOP/s x the FLOPs ratio",
         "guidance_step_s": guidance_how,
     }
