@@ -3,6 +3,7 @@
     hiflow-fast bench e2e --device cuda --plans official,2k --json e2e.json
     hiflow-fast bench e2e --device cuda --plans official --sample-steps 2     # ~1.5 min on an H100
     hiflow-fast bench e2e --device cpu                                        # reduced model, tiny plans
+    torchrun --nproc-per-node 8 -m hiflow_fast.cli bench e2e --parallel ulysses=8   # multi-GPU: bench/e2e_parallel.py
 
 Both paths run on the same random-weight FLUX-shaped transformer and VAE (bench/flux_shapes.py;
 FLUX.1-dev shapes in bf16 on a GPU: the cost of a pass does not depend on the weights), the same
