@@ -114,7 +114,9 @@ SUITE: dict[str, SuiteEntry] = {
 # Installed benchmarks that `bench all` runs only when named in --only: the offline compile
 # matrix measures no device (it compiles for four GPUs with ptxas, minutes to an hour on a CPU);
 # attention_tuning measures first-call compile + autotune on a GPU only (a bench/gpu_check step).
-OPT_IN = frozenset({"compile", "attention_tuning"})
+# parallel_model is a model, not a measurement (bench/parallel_model.py): never mixed into a
+# suite's measurements unless named.
+OPT_IN = frozenset({"compile", "attention_tuning", "parallel_model"})
 
 
 def suite_args(name: str, device: str, *, quick: bool = False, smoke: bool = False) -> list[str]:

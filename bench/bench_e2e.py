@@ -3,6 +3,7 @@
     hiflow-fast bench e2e --device cuda --plans official,2k --json e2e.json
     hiflow-fast bench e2e --device cuda --plans official --sample-steps 2     # ~1.5 min on an H100
     hiflow-fast bench e2e --device cpu                                        # reduced model, tiny plans
+    torchrun --nproc-per-node 8 -m hiflow_fast.cli bench e2e --parallel ulysses=8   # multi-GPU: bench/e2e_parallel.py
 
 Both paths run on the same random-weight FLUX-shaped transformer and VAE (bench/flux_shapes.py;
 FLUX.1-dev shapes in bf16 on a GPU: the cost of a pass does not depend on the weights), the same
@@ -40,6 +41,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -348,8 +350,9 @@ def make_noises(config: HiFlowConfig, channels: int, seed: int, device, dtype):
     return base.to(device=device, dtype=dtype), [n.to(device=device, dtype=dtype) for n in stages]
 
 
-def run_once(path: str, models: Models, config: HiFlowConfig, noises, device: torch.device, args) -> StageClock:
-    """One full call of the path's pipeline, marked stage by stage."""
+def run_once(path: str, models: Models, config: HiFlowConfig, noises, device: torch.device, args, pipe=None) -> StageClock:
+    """One full call of the path's pipeline, marked stage by stage (`pipe`: a HiFlowPipeline to
+    call instead of a fresh one; --parallel passes the one whose process groups it built)."""
     from hiflow_fast.bench.official_baseline import OfficialWayPipeline
     from hiflow_fast.pipeline import HiFlowPipeline
 
@@ -358,7 +361,7 @@ def run_once(path: str, models: Models, config: HiFlowConfig, noises, device: to
     free_device_memory(device)
     clock.mark("start")
     if path == "ours":
-        pipe = HiFlowPipeline(models.transformer, models.vae, models.scheduler)
+        pipe = pipe or HiFlowPipeline(models.transformer, models.vae, models.scheduler)
         pipe(
             prompt_embeds=models.embeds, pooled_prompt_embeds=models.pooled, config=config, seed=args.seed,
             latents=base_noise, stage_noises=stage_noises, output_type="pt", backend=args.backend,
@@ -399,13 +402,18 @@ def prime_paths(plans: list[Plan], models: Models, device: torch.device, dtype: 
     return primed
 
 
-def measure_plan(path: str, plan: Plan, models: Models, device: torch.device, args) -> list[dict[str, Any]]:
-    """Repeated runs of one path on one plan -> per-stage summaries (seconds per repeat)."""
+def measure_plan(path: str, plan: Plan, models: Models, device: torch.device, args, pipe=None,
+                 before_run=None) -> list[dict[str, Any]]:
+    """Repeated runs of one path on one plan -> per-stage summaries (seconds per repeat).
+    `pipe`: see run_once; `before_run`: called before every run (--parallel: a barrier, so that
+    every rank starts a timed run together)."""
     run_plan = plan.sampled(args.sample_steps)
     config = run_plan.config()
     noises = make_noises(config, models.size.vae["latent_channels"], args.seed, device, models.transformer.dtype)
+    before_run = before_run or (lambda: None)
     for _ in range(args.warmup):
-        run_once(path, models, config, noises, device, args)
+        before_run()
+        run_once(path, models, config, noises, device, args, pipe)
     planned = [plan.base[2], *(s[2] for s in plan.stages)]
     names = ["base", *(f"stage{k}" for k in range(1, len(plan.stages) + 1))]
     per_stage: dict[str, list[float]] = {n: [] for n in [*names, "decode", "total"]}
@@ -414,7 +422,8 @@ def measure_plan(path: str, plan: Plan, models: Models, device: torch.device, ar
     entries: dict[str, list[float]] = {n: [] for n in names}
     measured_steps: dict[str, int] = {}
     for _ in range(args.repeats):
-        clock = run_once(path, models, config, noises, device, args)
+        before_run()
+        clock = run_once(path, models, config, noises, device, args, pipe)
         stages, decode_s, decode_peak = split_stages(clock.intervals())
         total = decode_s
         for k, name in enumerate(names):
@@ -503,7 +512,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--plans", help=f"comma list of {', '.join(PLANS)} or custom 1024x30>2048x16 "
                                         "(default: official,2k on cuda; cpu on cpu)")
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma list of ours, official")
+    parser.add_argument("--paths", default=None, help="comma list of ours, official (default: both; ours with --parallel)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per plan and path (default: 1 on cuda, 3 on cpu)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs of the same plan first (default 0)")
     parser.add_argument("--sample-steps", type=int, default=None, help="run at most N steps per stage and extrapolate each stage")
@@ -515,8 +524,40 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="ours with compile=True (torch.compile + CUDA graphs per stage); implies --warmup 1 unless given")
     parser.add_argument("--seed", type=int, default=0)
+    parallel = parser.add_argument_group("multi-GPU (under torchrun; bench/e2e_parallel.py)")
+    parallel.add_argument("--parallel", metavar="SPEC",
+                          help="run ours with context parallelism: ulysses=N, ring=N or ulysses=N,ring=M, launched by "
+                               "torchrun --nproc-per-node N*M (CPU: gloo; default there: tiny model, tiny plan)")
+    parallel.add_argument("--single-rank", action=argparse.BooleanOptionalAction, default=None,
+                          help="with --parallel: after the parallel runs, rank 0 runs the same plans alone (the "
+                               "baseline of the scaling efficiency; default: on unless --baseline-json is given)")
+    parallel.add_argument("--baseline-json", type=Path, metavar="FILE",
+                          help="with --parallel: single-GPU times from this earlier `bench e2e --json` run "
+                               "(same plans, model and dtype) instead of a single-rank run in this launch")
+    parallel.add_argument("--collective-timeout", type=float, default=1800.0, metavar="S",
+                          help="with --parallel: seconds a collective may wait (the other ranks wait this long "
+                               "for rank 0's single-rank run)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
+    if args.parallel is not None:
+        from hiflow_fast.parallel import ParallelSpec
+
+        args.parallel = ParallelSpec.parse(args.parallel, "--parallel")
+        if args.paths is not None and "official" in comma_list("--paths", args.paths, PATHS):
+            raise HiFlowInputError("--paths", args.paths, "ours with --parallel (the official pipeline has no parallel mode)")
+        if args.compile:
+            raise HiFlowInputError("--compile", True, "off with --parallel (CUDA graphs are not captured across ranks)")
+        args.paths = "ours"
+        # A CPU smoke run under `torchrun --nproc-per-node 2` finishes in seconds.
+        args.model = args.model or ("full" if cuda else "tiny")
+        args.plans = args.plans or ("official,2k" if cuda else "tiny")
+        args.repeats = args.repeats if args.repeats is not None else 1
+        args.single_rank = args.single_rank if args.single_rank is not None else args.baseline_json is None
+    else:
+        for flag, value in (("--single-rank", args.single_rank), ("--baseline-json", args.baseline_json)):
+            if value is not None:
+                raise HiFlowInputError(flag, value, "only with --parallel")
+    args.paths = args.paths or ",".join(PATHS)
     args.model = args.model or ("full" if cuda else "reduced")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.plans = args.plans or ("official,2k" if cuda else "cpu")
@@ -540,6 +581,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _main(argv: list[str] | None) -> int:
     args = _parse(argv)
+    if args.parallel is not None:
+        from hiflow_fast.bench.e2e_parallel import main_parallel
+
+        return main_parallel(args)
     device, outputs, environment = start(args)
     plans = args.plans
     dtype = DTYPES[args.dtype]

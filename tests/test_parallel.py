@@ -276,3 +276,62 @@ def test_attention_with_lse_gpu(name, shape, dtype):
         # the attention_configs step covers the Triton lse op in every dtype and config.
         pytest.skip("the Triton kernel is checked here in bf16 only")
     check_attention_with_lse(name, shape, dtype, "cuda")
+
+
+# ---- bench e2e --parallel ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_e2e_parallel_smoke(tmp_path):
+    """`bench e2e --parallel ring=2` under torchrun on gloo at its CPU defaults (tiny model, tiny
+    plan): rank 0 alone writes one JSON with every stage's time on 2 ranks, the single-rank
+    baseline from the same launch, speedup and efficiency, and the communication counted from the
+    shapes (checked here against the hand formula for the base stage)."""
+    out = tmp_path / "e2e.json"
+    result = torchrun(2, "-m", "hiflow_fast.cli", "bench", "e2e", "--device", "cpu", "--parallel", "ring=2",
+                      "--cpu-allocator", "system", "--json", str(out), "--markdown", str(tmp_path / "e2e.md"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["e2e.json", "e2e.md"]
+    assert result.stdout.count("wrote 4 records") == 1, result.stdout  # rank 0 only
+    records = json.loads(out.read_text())
+    assert [r["stage"] for r in records] == ["base", "stage1", "decode", "total"]
+    for r in records:
+        assert r["path"] == "ours" and r["parallel"] == "ring=2" and r["world_size"] == 2 and r["device"] == "cpu"
+        assert r["median_s"] > 0 and r["single_rank_s"] > 0
+        assert r["speedup_vs_single_rank"] == pytest.approx(r["single_rank_s"] / r["median_s"])
+        assert r["scaling_efficiency"] == pytest.approx(r["speedup_vs_single_rank"] / 2)
+    # Base stage of the tiny plan: 64 px -> 8x8 latents -> 16 image tokens + 16 text tokens, 2
+    # blocks, 2 heads x 32, fp32. Ring 2: each rank all-gathers k and v of its 16 tokens to the
+    # other (2 x 16 x 64 x 4 bytes per layer), then proj_out's 8 image tokens x 64 features.
+    base = records[0]
+    per_rank = 2 * (2 * 16 * 64 * 4) + 8 * 64 * 4
+    assert base["comm_bytes_per_step_rank"] == per_rank and base["comm_bytes_per_step_total"] == 2 * per_rank
+    assert base["comm_bytes_stage_total"] == 2 * 2 * per_rank  # 2 steps
+    assert "not GPU results" in (tmp_path / "e2e.md").read_text()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--parallel", "ring=2", "--paths", "ours,official"], "--paths"),
+    (["--parallel", "ulysses=2", "--compile"], "--compile"),
+    (["--parallel", "tp=2"], "--parallel"),
+    (["--baseline-json", "x.json"], "--baseline-json"),
+    (["--parallel", "ulysses=3"], "attention heads"),  # the tiny model's 2 heads do not split over 3
+])
+def test_bench_e2e_parallel_refuses_bad_input_before_any_work(argv, flag, capsys, monkeypatch):
+    from hiflow_fast.bench import bench_e2e
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert bench_e2e.main(["--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err, err
+
+
+def test_bench_e2e_parallel_needs_torchrun(capsys, monkeypatch):
+    from hiflow_fast.bench import bench_e2e
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert bench_e2e.main(["--device", "cpu", "--parallel", "ring=2"]) == 2
+    err = capsys.readouterr().err
+    assert "--parallel" in err and "torchrun" in err, err
