@@ -80,29 +80,20 @@ def check_report(report: dict, specs: str) -> None:
         assert run["rel_l2"] > 0 or "ulysses" in key, f"{key}: bit-identical to one process is unexpected for ring"
 
 
-@pytest.mark.slow
-def test_two_ranks_ulysses_and_ring(tmp_path, tiny_model_dir):
-    specs = "ulysses=2;ring=2"
-    check_report(run_worker(tmp_path, 2, tiny_model_dir, specs), specs)
+LAUNCHES = [
+    # (processes, model fixture, specs run in one launch, attention backend)
+    (2, "tiny_model_dir", "ulysses=2;ring=2", None),
+    (3, "twelve_head_model", "ulysses=3;ring=3", None),
+    (4, "twelve_head_model", "ulysses=4;ulysses=2,ring=2;ring=4", None),
+    # Our Triton kernel (interpreted) inside ring attention, through its log-sum-exp, and Ulysses.
+    (2, "tiny_model_dir", "ring=2;ulysses=2", "triton"),
+]
 
 
 @pytest.mark.slow
-def test_three_ranks(tmp_path, twelve_head_model):
-    specs = "ulysses=3;ring=3"
-    check_report(run_worker(tmp_path, 3, twelve_head_model, specs), specs)
-
-
-@pytest.mark.slow
-def test_four_ranks(tmp_path, twelve_head_model):
-    specs = "ulysses=4;ulysses=2,ring=2;ring=4"
-    check_report(run_worker(tmp_path, 4, twelve_head_model, specs), specs)
-
-
-@pytest.mark.slow
-def test_triton_attention_in_ring_and_ulysses(tmp_path, tiny_model_dir):
-    """Our Triton kernel (interpreted) inside ring attention, through its log-sum-exp."""
-    specs = "ring=2;ulysses=2"
-    check_report(run_worker(tmp_path, 2, tiny_model_dir, specs, attention="triton"), specs)
+@pytest.mark.parametrize("nproc, model, specs, attention", LAUNCHES, ids=[f"{n}-{s}-{a or 'sdpa'}" for n, _, s, a in LAUNCHES])
+def test_parallel_matches_one_process(tmp_path, request, nproc, model, specs, attention):
+    check_report(run_worker(tmp_path, nproc, request.getfixturevalue(model), specs, attention), specs)
 
 
 @pytest.mark.slow
