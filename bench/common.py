@@ -723,7 +723,10 @@ def run_cli(main_fn: Callable[[list[str] | None], int], argv: list[str] | None) 
     try:
         return main_fn(argv)
     except HiFlowInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from hiflow_fast.parallel import is_main_process
+
+        if is_main_process():  # under torchrun every rank refuses the same arguments
+            print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

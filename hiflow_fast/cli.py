@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, ParallelDivergenceError, StageOutOfMemoryError
 from .memory_cli import add_memory_arguments
+from .parallel import is_main_process
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -329,11 +330,6 @@ def _rank_prefix() -> str:
     return f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun launch, or a plain process (RANK is torchrun's, set before init)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def parallel_spec_from_args(args, attention: str):
     """The --parallel spec (None without the flag), checked against the other flags; no work."""
     if args.parallel is None:
@@ -423,7 +419,7 @@ def _generate(args, typed: set[str]) -> int:
     # overhead (5 bytes per 16 KiB block) and the metadata (a few KiB).
     png_bytes = lambda h, w: 3 * h * w + h + (3 * h * w) // 16384 * 5 + 65536  # noqa: E731
     bytes_each = [png_bytes(*final)] * len(images) + [png_bytes(*sizes[k]) for each in stage_images for k in range(len(each))]
-    writes = _is_main_process()  # under --parallel only rank 0 writes files
+    writes = is_main_process()  # under --parallel only rank 0 writes files
     if writes:
         check_output_paths(paths, overwrite=args.overwrite, field="--output", bytes_each=bytes_each)
 
@@ -627,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         # Under torchrun every rank checks the same arguments: one copy of an input error is enough.
-        if not (isinstance(exc, HiFlowInputError) and not _is_main_process()):
+        if not (isinstance(exc, HiFlowInputError) and not is_main_process()):
             print(f"error: {_rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except Exception as exc:

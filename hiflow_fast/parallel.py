@@ -45,13 +45,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import re
 from typing import Iterator
 
 import torch
-from diffusers.hooks.hooks import ModelHook
 
 from .errors import HiFlowInputError, ParallelDivergenceError
 
@@ -199,6 +199,13 @@ def init_distributed(spec: ParallelSpec, device: str | torch.device = "cpu", *, 
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return device
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a process outside one; known before the process group
+    is joined (RANK is torchrun's). Under torchrun every rank checks the same arguments, so one
+    copy of an input error (rank 0's) is enough."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def is_main_rank() -> bool:
@@ -352,7 +359,7 @@ class ParallelRun:
         touched = [transformer, transformer.proj_out]
         saved = [{key: vars(m)[key] for key in ("forward", "_diffusers_hook") if key in vars(m)} for m in touched]
         apply_context_parallel(transformer, config.context_parallel_config, split_plan)
-        HookRegistry.check_if_exists_or_initialize(transformer.proj_out).register_hook(_ImageGatherHook(self), _GATHER_HOOK)
+        HookRegistry.check_if_exists_or_initialize(transformer.proj_out).register_hook(_image_gather_hook_type()(self), _GATHER_HOOK)
         handle = transformer.register_forward_pre_hook(record_lengths, with_kwargs=True)
         try:
             yield self
@@ -370,33 +377,41 @@ class ParallelRun:
 _GATHER_HOOK = "hiflow_cp_output---proj_out"
 
 
-class _ImageGatherHook(ModelHook):
-    """Gathers `proj_out`'s image tokens from every rank (in place of diffusers' gather for that
-    one output). diffusers' any-length gather all-gathers tensors of different sizes, which gloo
-    refuses; the split sizes are known here (tensor_split of the recorded global length), so each
-    rank pads its part to the largest, one equal-size all-gather runs on any backend, and the
-    padding is dropped."""
+@functools.cache
+def _image_gather_hook_type():
+    """The hook class, made on first use: diffusers is imported only when a run is parallel
+    (the CLI imports this module for `is_main_process` on every start)."""
+    from diffusers.hooks.hooks import ModelHook
 
-    def __init__(self, run: ParallelRun):
-        super().__init__()
-        self.run = run
+    class ImageGatherHook(ModelHook):
+        """Gathers `proj_out`'s image tokens from every rank (in place of diffusers' gather for that
+        one output). diffusers' any-length gather all-gathers tensors of different sizes, which gloo
+        refuses; the split sizes are known here (tensor_split of the recorded global length), so each
+        rank pads its part to the largest, one equal-size all-gather runs on any backend, and the
+        padding is dropped."""
 
-    def post_forward(self, module, output):
-        import torch.distributed as dist
+        def __init__(self, run: "ParallelRun"):
+            super().__init__()
+            self.run = run
 
-        group = self.run.config.context_parallel_config._flattened_mesh.get_group()
-        world = dist.get_world_size(group)
-        total = self.run.image_tokens
-        sizes = [total // world + (1 if r < total % world else 0) for r in range(world)]
-        part = output.contiguous()
-        if part.shape[1] < sizes[0]:
-            part = torch.cat([part, part.new_zeros(part.shape[0], sizes[0] - part.shape[1], *part.shape[2:])], dim=1)
-        gathered = part.new_empty(world * part.shape[0], *part.shape[1:])
-        # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
-        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        all_gather(gathered, part, group=group)
-        pieces = gathered.chunk(world, dim=0)
-        return torch.cat([piece[:, :size] for piece, size in zip(pieces, sizes)], dim=1)
+        def post_forward(self, module, output):
+            import torch.distributed as dist
+
+            group = self.run.config.context_parallel_config._flattened_mesh.get_group()
+            world = dist.get_world_size(group)
+            total = self.run.image_tokens
+            sizes = [total // world + (1 if r < total % world else 0) for r in range(world)]
+            part = output.contiguous()
+            if part.shape[1] < sizes[0]:
+                part = torch.cat([part, part.new_zeros(part.shape[0], sizes[0] - part.shape[1], *part.shape[2:])], dim=1)
+            gathered = part.new_empty(world * part.shape[0], *part.shape[1:])
+            # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
+            all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            all_gather(gathered, part, group=group)
+            pieces = gathered.chunk(world, dim=0)
+            return torch.cat([piece[:, :size] for piece, size in zip(pieces, sizes)], dim=1)
+
+    return ImageGatherHook
 
 
 def check_replicated(x: torch.Tensor, where: str) -> None:
