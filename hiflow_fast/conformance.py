@@ -292,6 +292,7 @@ def run_case(
 def main(argv: list[str] | None = None) -> int:
     from .backend import BACKENDS
     from .cli import HelpFormatter, Parser, UsageError
+    from .parallel import is_main_process
 
     parser = Parser(prog="python -m hiflow_fast.conformance", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--case", required=True, help="golden case tensors (.pt, loaded with weights_only=True)")
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             check_launch(spec, "cpu")
             if not (math.isfinite(args.parallel_timeout) and args.parallel_timeout > 0):
                 raise HiFlowInputError("--parallel-timeout", args.parallel_timeout, "a number of seconds > 0")
-        main_rank = os.environ.get("RANK", "0") == "0"  # under --parallel only rank 0 reports and writes
+        main_rank = is_main_process()  # under --parallel only rank 0 reports and writes
         if args.save_latents and main_rank:
             check_output_path(args.save_latents, overwrite=args.overwrite, field="--save-latents")
         for flag, path in (("--case", args.case), ("--params", args.params)):
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from .cli import cli_error
 
-        if os.environ.get("RANK", "0") == "0":  # every rank checks the same arguments
+        if is_main_process():  # every rank checks the same arguments
             print(f"error: {cli_error(exc) if isinstance(exc, HiFlowInputError) else exc}", file=sys.stderr)
         return 2
     failed = [c for c in checks if not c.ok]
