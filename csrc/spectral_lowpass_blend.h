@@ -64,6 +64,12 @@ HIFLOW_HD inline void spectral_scale_bin(const SpectralScaleArgs& a, index_t s, 
 }
 
 void spectral_scale_cpu(const SpectralScaleArgs& args);
+// The CPU's two steps of spectral_scale_cpu, for a caller that scales one slice at a time
+// (binding.cpp's per-slice FFT pair): the gains of all H * (W/2 + 1) bins (in parallel), and
+// one slice's bins scaled by them (serial: the caller runs slices in parallel). `a.spectrum`
+// and `a.slices` are not read by either.
+void spectral_gains_cpu(const SpectralScaleArgs& a, float* gains);
+void spectral_scale_slice_cpu(const SpectralScaleArgs& a, const float* gains, float* slice_spectrum);
 void spectral_scale_cuda(const SpectralScaleArgs& args, void* stream);
 
 }  // namespace hiflow_native

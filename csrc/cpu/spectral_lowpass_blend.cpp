@@ -31,22 +31,34 @@ void scale_row(float* __restrict__ spectrum_row, const float* __restrict__ gains
 
 }  // namespace
 
-void spectral_scale_cpu(const SpectralScaleArgs& args) {
-  const SpectralScaleArgs a = args;  // a local copy: stores through the spectrum cannot alias it
+void spectral_gains_cpu(const SpectralScaleArgs& args, float* gains) {
+  const SpectralScaleArgs a = args;
   const index_t half_width = a.width / 2 + 1;
   std::vector<float> dw(half_width), dw_mirror(half_width);
   for (index_t fw = 0; fw < half_width; ++fw) {
     dw[fw] = centred_coordinate(fw, a.width);
     dw_mirror[fw] = centred_coordinate((a.width - fw) % a.width, a.width);
   }
-  std::vector<float> gains(static_cast<size_t>(a.height) * half_width);
   at::parallel_for(0, a.height, std::max<int64_t>(1, 4096 / half_width), [&](int64_t begin, int64_t end) {
     for (int64_t fh = begin; fh < end; ++fh) {
       const index_t f = static_cast<index_t>(fh);
       gain_row(centred_coordinate(f, a.height), centred_coordinate((a.height - f) % a.height, a.height), dw.data(),
-               dw_mirror.data(), half_width, a.inv_ratio_sq, a.order, a.scale, gains.data() + fh * half_width);
+               dw_mirror.data(), half_width, a.inv_ratio_sq, a.order, a.scale, gains + fh * half_width);
     }
   });
+}
+
+void spectral_scale_slice_cpu(const SpectralScaleArgs& a, const float* gains, float* slice_spectrum) {
+  const index_t half_width = a.width / 2 + 1;
+  for (index_t fh = 0; fh < a.height; ++fh)
+    scale_row(slice_spectrum + 2 * static_cast<int64_t>(fh) * half_width, gains + fh * half_width, half_width);
+}
+
+void spectral_scale_cpu(const SpectralScaleArgs& args) {
+  const SpectralScaleArgs a = args;  // a local copy: stores through the spectrum cannot alias it
+  const index_t half_width = a.width / 2 + 1;
+  std::vector<float> gains(static_cast<size_t>(a.height) * half_width);
+  spectral_gains_cpu(a, gains.data());
   // One spectrum row (slice s, frequency row fh) per iteration; spectral_scale_bin's arithmetic.
   const int64_t rows = static_cast<int64_t>(a.slices) * a.height;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / half_width), [&](int64_t begin, int64_t end) {
