@@ -95,6 +95,32 @@ def test_auto_never_picks_native_on_a_cpu(native_ops, monkeypatch):
     assert resolve_backend("auto", device="cpu") == "ref"
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_cpu_spectral_blend_runs_slices_in_worker_threads_alike(native_ops, mode):
+    """On a CPU the native spectral blend runs its FFT pair one slice at a time, slices in
+    parallel, the torch FFT ops called from the worker threads: under inference mode too (the
+    caller's thread-local state travels with them), with the result of the reference low-pass
+    and bit for bit the same with 1 thread and with 2 (batch 2, odd non-square slices)."""
+    from hiflow_fast.ref.spectral_blend import spectral_lowpass
+
+    g = torch.Generator().manual_seed(11)
+    diff = torch.randn(2, 5, 21, 14, generator=g)
+    want = 0.6 * spectral_lowpass(diff, 0.3, 4)
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with getattr(torch, mode)():
+                out = diff.clone()
+                native_ops.spectral_lowpass_blend(out, 0.3, 4, 0.6)
+            got[n] = out
+    finally:
+        torch.set_num_threads(threads)
+    assert rel_l2(got[2], want) <= 1e-5
+    assert torch.equal(got[1], got[2])
+
+
 @pytest.mark.parametrize("cached", [True, False])
 def test_auto_on_a_gpu_without_triton_takes_native_only_when_cached(monkeypatch, cached):
     import hiflow_fast.backend as backend_module
