@@ -203,7 +203,16 @@ void spectral_lowpass_blend_cpu_slices(const at::Tensor& diff, double ratio, int
       const at::Tensor spectrum = at::_fft_r2c(slices[s], {0, 1}, kFftNormNone, /*onesided=*/true).contiguous();
       spectral_scale_slice_cpu(args, gains.data(), reinterpret_cast<float*>(spectrum.data_ptr()));
       const at::Tensor columns = at::_fft_c2c(spectrum, {0}, kFftNormByN, /*forward=*/false);
-      const at::Tensor lowpass = at::_fft_c2r(columns, {1}, kFftNormByN, w).contiguous();
+      // The inverse over H comes back column-major ([W/2 + 1][H] in memory); the inverse over W
+      // reads rows, 2.5x faster from a row-major copy, made here in the spectrum's buffer
+      // (free by now; torch's own copy of a transposed complex tensor costs as much as the FFT).
+      at::Tensor rows = columns;
+      if (columns.stride(0) == 1 && columns.stride(1) == h) {
+        transpose_complex_cpu(reinterpret_cast<const float*>(columns.const_data_ptr()), static_cast<index_t>(h),
+                              static_cast<index_t>(w / 2 + 1), reinterpret_cast<float*>(spectrum.data_ptr()));
+        rows = spectrum;
+      }
+      const at::Tensor lowpass = at::_fft_c2r(rows, {1}, kFftNormByN, w).contiguous();
       // (Written by plain memory copy: the op mutates diff, which autograd never sees.)
       std::memcpy(out + s * h * w, lowpass.const_data_ptr<float>(), sizeof(float) * h * w);
     }

@@ -70,6 +70,9 @@ void spectral_scale_cpu(const SpectralScaleArgs& args);
 // and `a.slices` are not read by either.
 void spectral_gains_cpu(const SpectralScaleArgs& a, float* gains);
 void spectral_scale_slice_cpu(const SpectralScaleArgs& a, const float* gains, float* slice_spectrum);
+// A complex fp32 matrix stored column-major ([cols][rows]: what the inverse FFT over H leaves,
+// src) copied row-major ([rows][cols], dst), in cache-sized tiles; serial.
+void transpose_complex_cpu(const float* src, index_t rows, index_t cols, float* dst);
 void spectral_scale_cuda(const SpectralScaleArgs& args, void* stream);
 
 }  // namespace hiflow_native

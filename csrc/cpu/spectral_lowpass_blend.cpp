@@ -6,6 +6,7 @@
 // bin), both in parallel (at::parallel_for).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../spectral_lowpass_blend.h"
@@ -52,6 +53,26 @@ void spectral_scale_slice_cpu(const SpectralScaleArgs& a, const float* gains, fl
   const index_t half_width = a.width / 2 + 1;
   for (index_t fh = 0; fh < a.height; ++fh)
     scale_row(slice_spectrum + 2 * static_cast<int64_t>(fh) * half_width, gains + fh * half_width, half_width);
+}
+
+void transpose_complex_cpu(const float* src, index_t rows, index_t cols, float* dst) {
+  // Tiles of TILE x TILE complex values (8 KiB each way): both sides stay in L1 while a tile is
+  // copied, whichever of them is read across.
+  constexpr index_t TILE = 32;
+  for (index_t r0 = 0; r0 < rows; r0 += TILE) {
+    const index_t r1 = std::min<index_t>(rows, r0 + TILE);
+    for (index_t c0 = 0; c0 < cols; c0 += TILE) {
+      const index_t c1 = std::min<index_t>(cols, c0 + TILE);
+      for (index_t r = r0; r < r1; ++r) {
+        float* __restrict__ out = dst + 2 * (static_cast<int64_t>(r) * cols);
+        for (index_t c = c0; c < c1; ++c) {
+          const float* in = src + 2 * (static_cast<int64_t>(c) * rows + r);
+          out[2 * c] = in[0];
+          out[2 * c + 1] = in[1];
+        }
+      }
+    }
+  }
 }
 
 void spectral_scale_cpu(const SpectralScaleArgs& args) {
