@@ -168,18 +168,22 @@ void guided_velocity_cpu(const GuidedVelocityArgs& args) {
           }
         }
       }
+      // The outputs are written with streaming stores (nothing in this op reads them again),
+      // except v / v_ref with kPrevInPlace: their lines are in the cache already (read above).
       const int64_t out_at = n * out_row_elements;
-      pack_rows(out_rows[1][0].data(), out_rows[1][1].data(), out_w, channels, out_w, a.v + out_at);
-      pack_rows(out_rows[2][0].data(), out_rows[2][1].data(), out_w, channels, out_w, a.v_ref + out_at);
+      auto pack_state = a.prev_mode == kPrevInPlace ? pack_rows : pack_rows_streaming;
+      pack_state(out_rows[1][0].data(), out_rows[1][1].data(), out_w, channels, out_w, a.v + out_at);
+      pack_state(out_rows[2][0].data(), out_rows[2][1].data(), out_w, channels, out_w, a.v_ref + out_at);
       if (a.x_next_dtype == DType::kFloat32) {
-        pack_rows(out_rows[0][0].data(), out_rows[0][1].data(), out_w, channels, out_w,
-                  static_cast<float*>(a.x_next) + out_at);
+        pack_rows_streaming(out_rows[0][0].data(), out_rows[0][1].data(), out_w, channels, out_w,
+                            static_cast<float*>(a.x_next) + out_at);
       } else {  // packed as fp32, then rounded once into the output dtype
         pack_rows(out_rows[0][0].data(), out_rows[0][1].data(), out_w, channels, out_w, scratch.data());
         for (index_t k = 0; k < out_row_elements; ++k)
           store_as(a.x_next, a.x_next_dtype, static_cast<index_t>(out_at + k), scratch[k]);
       }
     }
+    finish_streaming_stores();
   });
 }
 

@@ -11,6 +11,10 @@
 
 #include <cstdint>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "../common.h"
 
 namespace hiflow_native {
@@ -62,6 +66,41 @@ inline void pack_rows(const float* __restrict__ row0, const float* __restrict__ 
       out[4 * c + 3] = in1[c * stride + 1];
     }
   }
+}
+
+// pack_rows for an output no later loop of the op reads: with non-temporal (streaming) stores
+// where the CPU has them (x86's SSE2) and the row is 16-byte aligned (each 4-float group is
+// then aligned too), so that writing the output does not first read its cache lines from
+// memory (a third of the traffic of guided_velocity). The values written are the same. Call
+// finish_streaming_stores() before the task ends.
+inline void pack_rows_streaming(const float* __restrict__ row0, const float* __restrict__ row1, index_t width,
+                                index_t channels, index_t stride, float* __restrict__ token_row) {
+#if defined(__SSE2__)
+  if (reinterpret_cast<uintptr_t>(token_row) % 16 == 0) {
+    const index_t features = 4 * channels;
+    for (index_t tj = 0; tj < width / 2; ++tj) {
+      float* out = token_row + tj * features;
+      const float* in0 = row0 + 2 * tj;
+      const float* in1 = row1 + 2 * tj;
+      for (index_t c = 0; c < channels; ++c) {
+        // (in0[0], in0[1], in1[0], in1[1]) of channel c: two 8-byte loads, one 16-byte store.
+        const __m128d low = _mm_load_sd(reinterpret_cast<const double*>(in0 + c * stride));
+        const __m128d both = _mm_loadh_pd(low, reinterpret_cast<const double*>(in1 + c * stride));
+        _mm_stream_ps(out + 4 * c, _mm_castpd_ps(both));
+      }
+    }
+    return;
+  }
+#endif
+  pack_rows(row0, row1, width, channels, stride, token_row);
+}
+
+// Orders this thread's streaming stores before whatever follows (the end of the parallel
+// task, after which other threads read the outputs).
+inline void finish_streaming_stores() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace hiflow_native
