@@ -174,19 +174,26 @@ HIFLOW_HD inline index_t packed_row_offset(index_t b, index_t c, index_t row, in
 
 HIFLOW_HD inline index_t packed_column_offset(index_t col, index_t channels) { return (col / 2) * 4 * channels + col % 2; }
 
+// The four samples of one axis combined with its taps' weights, in this order: both stages of
+// the separable bicubic are this sum (on values, so that the CPU can run it over rows it has
+// gathered, in loops the compiler vectorises).
+HIFLOW_HD inline float bicubic_weighted_sum(const AxisTaps& taps, float s0, float s1, float s2, float s3) {
+  return taps.weight[0] * s0 + taps.weight[1] * s1 + taps.weight[2] * s2 + taps.weight[3] * s3;
+}
+
 // One source row resampled at an output column: sum_k w_k * R[row, col_k] (`row` from
 // packed_row_offset). The first stage of the separable bicubic.
 HIFLOW_HD inline float bicubic_across(const Source& ref, index_t row, const AxisTaps& cols, index_t channels) {
-  return cols.weight[0] * ref[row + packed_column_offset(cols.index[0], channels)] +
-         cols.weight[1] * ref[row + packed_column_offset(cols.index[1], channels)] +
-         cols.weight[2] * ref[row + packed_column_offset(cols.index[2], channels)] +
-         cols.weight[3] * ref[row + packed_column_offset(cols.index[3], channels)];
+  return bicubic_weighted_sum(cols, ref[row + packed_column_offset(cols.index[0], channels)],
+                              ref[row + packed_column_offset(cols.index[1], channels)],
+                              ref[row + packed_column_offset(cols.index[2], channels)],
+                              ref[row + packed_column_offset(cols.index[3], channels)]);
 }
 
 // The second stage: the four resampled rows combined with the row weights (the Triton
 // kernel's order: each row's sum first, then the rows).
 HIFLOW_HD inline float bicubic_down(const AxisTaps& rows, float r0, float r1, float r2, float r3) {
-  return rows.weight[0] * r0 + rows.weight[1] * r1 + rows.weight[2] * r2 + rows.weight[3] * r3;
+  return bicubic_weighted_sum(rows, r0, r1, r2, r3);
 }
 
 // Bicubic (align_corners=False) value of channel c of image b at the output pixel whose row

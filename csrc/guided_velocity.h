@@ -97,30 +97,49 @@ HIFLOW_HD inline void guided_velocity_ring_element(const GuidedVelocityArgs& a, 
   a.v_ref[o] = 0.0f;
 }
 
+// The per-element math, on values (no indexing), so that the CPU can run it over rows it has
+// already gathered into fp32 buffers (loops the compiler vectorises) and the GPU per thread.
+// with_state: whether a state exists (any prev_mode but kPrevNone; v_prev = v_ref_prev = 0 in
+// the state's own pad ring). The CPU passes it as a constant per loop, so that the branch
+// compiles away.
+struct VelocityStep {
+  float x_next, v, v_ref;
+};
+
+HIFLOW_HD inline VelocityStep guided_velocity_math(float x, float x0, float lowpass, float ref, bool with_state,
+                                                   float v_prev, float v_ref_prev, float inv_denom, float beta,
+                                                   float sigma, float sigma_next) {
+  const float x0_guided = x0 + lowpass;
+  float v = (x - x0_guided) * inv_denom;
+  const float v_ref = (x - ref) * inv_denom;
+  if (with_state) v = v + beta * ((v_prev - v_ref_prev) - (v - v_ref));
+  VelocityStep out;
+  out.x_next = x + (sigma_next - sigma) * v;
+  out.v = v;
+  out.v_ref = v_ref;
+  return out;
+}
+
 // Computes and stores output element o, which holds a current-grid pixel (not the pad ring)
-// read at `at`; ref: its bicubic reference value (bicubic_sample, or the CPU's two-stage
-// equivalent). The indices come from the caller: the GPU decodes them per thread
-// (output_pixel, element_sources), the CPU loops count them.
+// read at `at`; ref: its bicubic reference value (bicubic_sample). The GPU's per-thread form
+// (indices decoded by output_pixel, element_sources); the CPU calls guided_velocity_math on
+// whole rows.
 HIFLOW_HD inline void guided_velocity_element(const GuidedVelocityArgs& a, index_t o, const ElementSources& at,
                                               float ref) {
-  const float x = a.sample[at.p];
-  const float x0_guided = a.pred_x0[at.p] + a.lowpass[at.l];
-  float v = (x - x0_guided) * a.inv_denom;
-  const float v_ref = (x - ref) * a.inv_denom;
-  if (a.prev_mode != kPrevNone) {
-    float v_prev = 0.0f, v_ref_prev = 0.0f;  // (0 in the state's pad ring)
-    if (a.prev_mode == kPrevInPlace) {
-      v_prev = a.v[o];
-      v_ref_prev = a.v_ref[o];
-    } else if (at.s >= 0) {
-      v_prev = a.v_prev[at.s];
-      v_ref_prev = a.v_ref_prev[at.s];
-    }
-    v = v + a.beta * ((v_prev - v_ref_prev) - (v - v_ref));
+  float v_prev = 0.0f, v_ref_prev = 0.0f;  // (0 in the state's pad ring)
+  if (a.prev_mode == kPrevInPlace) {
+    v_prev = a.v[o];
+    v_ref_prev = a.v_ref[o];
+  } else if (a.prev_mode == kPrevSeparate && at.s >= 0) {
+    v_prev = a.v_prev[at.s];
+    v_ref_prev = a.v_ref_prev[at.s];
   }
-  store_as(a.x_next, a.x_next_dtype, o, x + (a.sigma_next - a.sigma) * v);
-  a.v[o] = v;
-  a.v_ref[o] = v_ref;
+  const VelocityStep out = guided_velocity_math(a.sample[at.p], a.pred_x0[at.p], a.lowpass[at.l], ref,
+                                                a.prev_mode != kPrevNone, v_prev, v_ref_prev, a.inv_denom, a.beta,
+                                                a.sigma, a.sigma_next);
+  store_as(a.x_next, a.x_next_dtype, o, out.x_next);
+  a.v[o] = out.v;
+  a.v_ref[o] = out.v_ref;
 }
 
 void guided_velocity_cpu(const GuidedVelocityArgs& args);

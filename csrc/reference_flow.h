@@ -22,13 +22,20 @@ struct ReferenceFlowArgs {
   float sigma;
 };
 
+// The per-element math, on values (no indexing), so that the CPU can run it over rows it has
+// already gathered into fp32 buffers (loops the compiler vectorises) and the GPU per thread.
+// x0 = x - sigma * v: the unguided estimate.
+HIFLOW_HD inline float unguided_x0(float x, float v, float sigma) { return x - v * sigma; }
+// ref - x0: the difference the low-pass filters.
+HIFLOW_HD inline float reference_difference(float ref, float x0) { return ref - x0; }
+
 // One pixel: p its offset in the packed tensors (packed_offset), d in the unpacked diff, ref its
-// bicubic reference value (bicubic_sample, or the CPU's two-stage equivalent). The indices come
-// from the caller: the GPU decodes them per thread, the CPU loops count them.
+// bicubic reference value (bicubic_sample). The GPU's per-thread form; the CPU calls the value
+// functions above on whole rows.
 HIFLOW_HD inline void reference_flow_element(const ReferenceFlowArgs& a, index_t p, index_t d, float ref) {
-  const float x0 = a.sample[p] - a.model_output[p] * a.sigma;
+  const float x0 = unguided_x0(a.sample[p], a.model_output[p], a.sigma);
   a.pred_x0[p] = x0;
-  a.diff[d] = ref - x0;
+  a.diff[d] = reference_difference(ref, x0);
 }
 
 void reference_flow_cpu(const ReferenceFlowArgs& args);

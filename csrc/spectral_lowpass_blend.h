@@ -28,16 +28,23 @@ HIFLOW_HD inline float centred_coordinate(index_t f, index_t n) {
   return 2.0f * static_cast<float>(centred) / static_cast<float>(n) - 1.0f;
 }
 
-// The official mask value M at unshifted bin (fh, fw).
-HIFLOW_HD inline float butterworth(index_t fh, index_t fw, index_t height, index_t width, float inv_ratio_sq,
-                                   int order) {
-  const float dh = centred_coordinate(fh, height);
-  const float dw = centred_coordinate(fw, width);
+// The official mask value M at centred coordinates (dh, dw) (on values, so that the CPU can
+// evaluate whole rows of bins from coordinates it computed once per row and column).
+HIFLOW_HD inline float butterworth_at(float dh, float dw, float inv_ratio_sq, int order) {
   const float q = (dh * dh + dw * dw) * inv_ratio_sq;
   float power = q;
   for (int k = 1; k < order; ++k) power = power * q;
   return 1.0f / (1.0f + power);
 }
+
+// The official mask value M at unshifted bin (fh, fw).
+HIFLOW_HD inline float butterworth(index_t fh, index_t fw, index_t height, index_t width, float inv_ratio_sq,
+                                   int order) {
+  return butterworth_at(centred_coordinate(fh, height), centred_coordinate(fw, width), inv_ratio_sq, order);
+}
+
+// The gain of a bin from M there and at the mirrored bin (-fh, -fw): scale * M_sym.
+HIFLOW_HD inline float symmetric_gain(float scale, float m, float mirror) { return scale * (0.5f * (m + mirror)); }
 
 // scale * M_sym at rfft bin k = fh * (W/2 + 1) + fw: the gain of that bin in every slice.
 HIFLOW_HD inline float spectral_gain(const SpectralScaleArgs& a, index_t k) {
@@ -46,7 +53,7 @@ HIFLOW_HD inline float spectral_gain(const SpectralScaleArgs& a, index_t k) {
   const float m = butterworth(fh, fw, a.height, a.width, a.inv_ratio_sq, a.order);
   const float mirror =
       butterworth((a.height - fh) % a.height, (a.width - fw) % a.width, a.height, a.width, a.inv_ratio_sq, a.order);
-  return a.scale * (0.5f * (m + mirror));
+  return symmetric_gain(a.scale, m, mirror);
 }
 
 // Scale bin k of slice s (re and im) by its gain.
@@ -57,6 +64,15 @@ HIFLOW_HD inline void spectral_scale_bin(const SpectralScaleArgs& a, index_t s, 
 }
 
 void spectral_scale_cpu(const SpectralScaleArgs& args);
+// The CPU's two steps of spectral_scale_cpu, for a caller that scales one slice at a time
+// (binding.cpp's per-slice FFT pair): the gains of all H * (W/2 + 1) bins (in parallel), and
+// one slice's bins scaled by them (serial: the caller runs slices in parallel). `a.spectrum`
+// and `a.slices` are not read by either.
+void spectral_gains_cpu(const SpectralScaleArgs& a, float* gains);
+void spectral_scale_slice_cpu(const SpectralScaleArgs& a, const float* gains, float* slice_spectrum);
+// A complex fp32 matrix stored column-major ([cols][rows]: what the inverse FFT over H leaves,
+// src) copied row-major ([rows][cols], dst), in cache-sized tiles; serial.
+void transpose_complex_cpu(const float* src, index_t rows, index_t cols, float* dst);
 void spectral_scale_cuda(const SpectralScaleArgs& args, void* stream);
 
 }  // namespace hiflow_native

@@ -70,7 +70,8 @@ def sources(*, cuda: bool) -> list[Path]:
 
 def _headers() -> list[Path]:
     root = source_dir()
-    return sorted(root.glob("*.h")) + sorted((root / "cuda").glob("*.cuh"))
+    # Every header, cpu/*.h included: the build's name must change with any of them.
+    return sorted(root.glob("*.h")) + sorted((root / "cpu").glob("*.h")) + sorted((root / "cuda").glob("*.cuh"))
 
 
 def cache_dir() -> Path:

@@ -24,7 +24,18 @@ from hiflow_fast import native
 from hiflow_fast.backend import ENV_VAR, load_triton_ops, resolve_backend
 from hiflow_fast.errors import HiFlowInputError
 
-from test_guided_velocity import HW, PAD, REF_HW, make_case, oracle, rel_l2, run_op  # noqa: E402  (helpers only)
+from test_guided_velocity import (  # noqa: E402  (helpers only)
+    BETA,
+    HW,
+    PAD,
+    REF_HW,
+    SIGMA,
+    SIGMA_NEXT,
+    make_case,
+    oracle,
+    rel_l2,
+    run_op,
+)
 
 
 def _schema_signature(op) -> list[tuple]:
@@ -93,6 +104,57 @@ def test_auto_never_picks_native_on_a_cpu(native_ops, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert native.is_built()
     assert resolve_backend("auto", device="cpu") == "ref"
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_cpu_spectral_blend_runs_slices_in_worker_threads_alike(native_ops, mode):
+    """On a CPU the native spectral blend runs its FFT pair one slice at a time, slices in
+    parallel, the torch FFT ops called from the worker threads: under inference mode too (the
+    caller's thread-local state travels with them), with the result of the reference low-pass
+    with 1 thread and with 2, each run repeating bit for bit (batch 2, odd non-square slices).
+    (Across thread counts the last bit may differ: MKL plans a transform by its thread limit,
+    as torch's own FFTs do.)"""
+    from hiflow_fast.ref.spectral_blend import spectral_lowpass
+
+    g = torch.Generator().manual_seed(11)
+    diff = torch.randn(2, 5, 21, 14, generator=g)
+    want = 0.6 * spectral_lowpass(diff, 0.3, 4)
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            with getattr(torch, mode)():
+                out = diff.clone()
+                native_ops.spectral_lowpass_blend(out, 0.3, 4, 0.6)
+            if n in got:
+                assert torch.equal(out, got[n]), f"two runs with {n} threads differ"
+            got[n] = out
+    finally:
+        torch.set_num_threads(threads)
+    for n in (1, 2):
+        assert rel_l2(got[n], want) <= 1e-5
+    torch.testing.assert_close(got[1], got[2], rtol=0, atol=1e-6)
+
+
+def test_cpu_guided_velocity_outputs_at_any_alignment(native_ops):
+    """The CPU writes the outputs of guided_velocity with streaming stores where a row is 16-byte
+    aligned and with plain stores elsewhere: outputs that start 4 bytes into their storage
+    (contiguous, but never aligned) get the values aligned outputs get, and the reference's."""
+    sample, pred_x0, lowpass, ref_x0, state = make_case(2, 3, HW, REF_HW, HW, seed=5)
+    aligned = run_op(native_ops, sample, pred_x0, lowpass, ref_x0, state, REF_HW, PAD)
+    shape = aligned[0].shape
+    storages = [torch.full((aligned[0].numel() + 1,), float("nan")) for _ in range(3)]
+    x_next, v, v_ref = (t[1:].view(shape) for t in storages)
+    assert all(t.data_ptr() % 16 == 4 for t in (x_next, v, v_ref))
+    native_ops.guided_velocity(
+        sample, pred_x0, lowpass, ref_x0, state.v, state.v_ref, REF_HW[0], REF_HW[1], HW[0], HW[1], PAD[0], PAD[1],
+        SIGMA, SIGMA_NEXT, BETA, 1, x_next, v, v_ref,
+    )
+    for got, want in zip((x_next, v, v_ref), aligned):
+        assert torch.equal(got, want)
+    for got, want in zip(aligned, oracle(sample, pred_x0, lowpass, ref_x0, state, HW, REF_HW, PAD)):
+        assert rel_l2(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("cached", [True, False])
