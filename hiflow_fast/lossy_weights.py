@@ -93,8 +93,7 @@ class Fp8BlockWeights:
             self._had_registry = {id(m) for m in self.transformer.modules() if hasattr(m, "_diffusers_hook")}
             apply_layerwise_casting(self.transformer, storage_dtype=FP8_STORAGE, compute_dtype=self.compute_dtype,
                                     skip_modules_pattern=(_OUTSIDE_BLOCKS, *patterns))
-            # Every layerwise-casting hook in the blocks is this call's (check_blocks_unhooked).
-            self._hooked = [m for m in self.transformer.modules() if _hooked(m) and m._diffusers_hook.get_hook(_HOOK) is not None]
+            self._hooked = [m for m in self._hooked_block_modules() if m._diffusers_hook.get_hook(_HOOK) is not None]
             if self.pin:
                 for module in self._hooked:
                     for p in module.parameters(recurse=False):
@@ -107,9 +106,17 @@ class Fp8BlockWeights:
                        "the image differs from the exact run", FP8_STORAGE, len(self._hooked), self.compute_dtype)
         return self
 
+    def _hooked_block_modules(self) -> list[torch.nn.Module]:
+        """Every module in the blocks that carries a diffusers hook. All of them are this
+        object's (check_blocks_unhooked ran before apply): the layerwise casts, and the PEFT
+        autocast hooks diffusers adds beside them on LoRA layers."""
+        return [m for block in transformer_blocks(self.transformer) for m in block.modules() if _hooked(m)]
+
     def restore(self) -> None:
-        """Remove the hooks this object added and give every block parameter its own tensor back."""
-        for module in self._hooked:
+        """Remove the hooks this object added and give every block parameter its own tensor back.
+        The hooked modules are found anew, so that an apply that failed halfway (some layers
+        hooked, `_hooked` not yet set) leaves none behind."""
+        for module in self._hooked_block_modules():
             # diffusers' registry replaced the instance's forward; the class's is the original.
             if "forward" in vars(module):
                 del module.forward

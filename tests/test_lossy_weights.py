@@ -112,6 +112,32 @@ def test_nothing_is_left_on_the_transformer():
     assert torch.equal(again, exact)
 
 
+def test_an_apply_that_fails_halfway_leaves_no_hook(monkeypatch):
+    """diffusers fails while hooking the third layer: the two layers it had hooked are cleaned
+    up too, and every weight is back."""
+    from diffusers.hooks.hooks import HookRegistry
+
+    model = _model(CONFIGS[0], torch.float32, seed=6)
+    before = {name: p.data.clone() for name, p in model.named_parameters()}
+    register = HookRegistry.register_hook
+    calls = []
+
+    def third_fails(self, hook, name):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("hook install failed")
+        return register(self, hook, name)
+
+    monkeypatch.setattr(HookRegistry, "register_hook", third_fails)
+    with pytest.raises(RuntimeError, match="hook install failed"):
+        Fp8BlockWeights(model, torch.float32).apply()
+    assert len(calls) == 3
+    for module in model.modules():
+        assert not getattr(getattr(module, "_diffusers_hook", None), "hooks", None) and "forward" not in vars(module)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.data, before[name]), name
+
+
 def test_blocks_already_hooked_are_refused():
     model = _model(CONFIGS[1], torch.bfloat16, seed=5)
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
