@@ -106,7 +106,7 @@ def main_parallel(args) -> int:
     """`bench e2e --parallel`: see the module docstring. Every rank runs this."""
     import torch.distributed as dist
 
-    from hiflow_fast.parallel import check_heads, init_distributed, is_main_rank
+    from hiflow_fast.parallel import check_heads, init_distributed, is_main_process
     from hiflow_fast.pipeline import HiFlowPipeline
 
     spec = args.parallel
@@ -115,23 +115,28 @@ def main_parallel(args) -> int:
     baseline = baseline_from_json(args.baseline_json, args.plans, size.name, args.dtype) if args.baseline_json else None
     Outputs.from_args(args)  # an existing output is refused on every rank alike, before the launch's work
     device = init_distributed(spec, args.device, timeout_s=args.collective_timeout)
-    main = is_main_rank()
+    main = is_main_process()
     if not main:  # only rank 0 writes files
         args.json = args.markdown = args.plot = None
     # The ranks wait for each other on the host (gloo), with the timeout, whatever the device.
     waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.collective_timeout))
     barrier = lambda: dist.barrier(group=waiting)  # noqa: E731
+    # While rank 0 runs the single-rank baseline alone (a whole plan, repeats included: it can
+    # outlast --collective-timeout), the others wait on a group with no practical timeout; if
+    # rank 0 dies there, torchrun stops them.
+    baseline_wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    baseline_barrier = lambda: dist.barrier(group=baseline_wait)  # noqa: E731
     quiet = contextlib.nullcontext() if main else contextlib.redirect_stdout(io.StringIO())
     try:
         with quiet:
-            status = _run(args, spec, size, device, baseline, barrier, main, HiFlowPipeline)
+            status = _run(args, spec, size, device, baseline, barrier, baseline_barrier, main, HiFlowPipeline)
         barrier()
     finally:
         dist.destroy_process_group()
     return status
 
 
-def _run(args, spec, size, device, baseline, barrier, main: bool, pipeline_cls) -> int:
+def _run(args, spec, size, device, baseline, barrier, baseline_barrier, main: bool, pipeline_cls) -> int:
     _, outputs, environment = start(args)
     dtype = DTYPES[args.dtype]
     world = spec.world_size
@@ -165,7 +170,7 @@ def _run(args, spec, size, device, baseline, barrier, main: bool, pipeline_cls) 
                 single = {s["stage"]: s["timing"].median_s for s in measure_plan("ours", plan, models, device, args)}
                 source = "single-rank run of rank 0 in the same launch"
                 free_device_memory(device)
-            barrier()
+            baseline_barrier()
         elif baseline is not None:
             single, source = baseline[plan.name], f"--baseline-json {args.baseline_json}"
         if not main:

@@ -419,9 +419,10 @@ def _generate(args, typed: set[str]) -> int:
     # overhead (5 bytes per 16 KiB block) and the metadata (a few KiB).
     png_bytes = lambda h, w: 3 * h * w + h + (3 * h * w) // 16384 * 5 + 65536  # noqa: E731
     bytes_each = [png_bytes(*final)] * len(images) + [png_bytes(*sizes[k]) for each in stage_images for k in range(len(each))]
-    writes = is_main_process()  # under --parallel only rank 0 writes files
-    if writes:
-        check_output_paths(paths, overwrite=args.overwrite, field="--output", bytes_each=bytes_each)
+    # Checked on every rank (the same verdict, so that all stop together); under --parallel only
+    # rank 0 writes them.
+    check_output_paths(paths, overwrite=args.overwrite, field="--output", bytes_each=bytes_each)
+    writes = is_main_process()
 
     # 4. The run; its files are moved into place only when all of them are written.
     from .pipeline import HiFlowPipeline

@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (math.isfinite(args.parallel_timeout) and args.parallel_timeout > 0):
                 raise HiFlowInputError("--parallel-timeout", args.parallel_timeout, "a number of seconds > 0")
         main_rank = is_main_process()  # under --parallel only rank 0 reports and writes
-        if args.save_latents and main_rank:
+        if args.save_latents:  # checked on every rank: the same verdict, all stop together
             check_output_path(args.save_latents, overwrite=args.overwrite, field="--save-latents")
         for flag, path in (("--case", args.case), ("--params", args.params)):
             if not os.path.isfile(path):
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from .cli import cli_error
 
-        if is_main_process():  # every rank checks the same arguments
+        if is_main_process() or not isinstance(exc, HiFlowInputError):  # every rank checks the same arguments
             print(f"error: {cli_error(exc) if isinstance(exc, HiFlowInputError) else exc}", file=sys.stderr)
         return 2
     failed = [c for c in checks if not c.ok]

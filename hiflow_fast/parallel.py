@@ -148,8 +148,11 @@ def distributed_state() -> tuple[int, int] | None:
     return None
 
 
-def check_process_group(spec: ParallelSpec, field: str = "parallel") -> None:
-    """The default process group exists and has exactly the spec's world size."""
+def check_process_group(spec: ParallelSpec, device: str | torch.device | None = None, field: str = "parallel") -> None:
+    """The default process group exists, has exactly the spec's world size and, given the
+    pipeline's device, a backend that moves its tensors (NCCL for CUDA, gloo for the CPU)."""
+    import torch.distributed as dist
+
     state = distributed_state()
     if state is None:
         raise HiFlowInputError(
@@ -157,6 +160,23 @@ def check_process_group(spec: ParallelSpec, field: str = "parallel") -> None:
         )
     if state[1] != spec.world_size:
         raise HiFlowInputError(field, str(spec), f"degrees whose product is the world size, {state[1]} (this is {spec.world_size})")
+    if device is not None:
+        needed = {"cuda": "nccl", "cpu": "gloo"}.get(torch.device(device).type)
+        backend = str(dist.get_backend())
+        if needed is None or needed not in backend:
+            raise HiFlowInputError(
+                field, str(spec), f"a process group whose backend serves {torch.device(device)} (nccl for cuda, gloo for cpu; this one is {backend!r})"
+            )
+
+
+def check_transformer(spec: ParallelSpec, transformer, field: str = "parallel") -> None:
+    """A Flux transformer with diffusers' context-parallel plan, heads that split for Ulysses."""
+    from diffusers.models._modeling_parallel import ContextParallelOutput
+
+    plan = getattr(type(transformer), "_cp_plan", None)
+    if not plan or plan.get("proj_out") != ContextParallelOutput(gather_dim=1, expected_dims=3):
+        raise HiFlowInputError(field, str(spec), f"a Flux transformer with diffusers' context-parallel plan (not {type(transformer).__name__})")
+    check_heads(spec, int(transformer.config.num_attention_heads), field)
 
 
 def check_launch(spec: ParallelSpec, device: str | torch.device = "cpu", field: str = "--parallel") -> None:
@@ -208,13 +228,20 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def is_main_rank() -> bool:
-    """True outside a process group and on rank 0 of one: the rank that writes files."""
-    state = distributed_state()
-    return state is None or state[0] == 0
-
-
 # ---- attention inside diffusers' templated context-parallel attention ----------------------
+
+
+def _cuda_flash_runs(q: torch.Tensor) -> bool:
+    """Whether the raw aten flash kernel takes `q` on this GPU: half precision, sm_80 or newer,
+    a head dim it handles unpadded (F.sdpa pads others; the aten op does not)."""
+    head_dim = q.shape[-1]
+    return (
+        q.dtype in (torch.float16, torch.bfloat16)
+        and torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    )
 
 
 def _attention_with_lse(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -231,7 +258,7 @@ def _attention_with_lse(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     elif q.device.type == "cpu":
         # The CPU flash kernel SDPA itself dispatches to (bit-identical to F.sdpa there).
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, scale=scale)
-    elif q.dtype in (torch.float16, torch.bfloat16) and name != "sdpa-efficient" and torch.backends.cuda.is_flash_attention_available():
+    elif name != "sdpa-efficient" and _cuda_flash_runs(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, scale=scale)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, scale=scale)[:2]
@@ -276,6 +303,15 @@ def _unified_anything(query, key, value, scale, forward_op, config):
     return all_to_all_single_any_o_async(out, group, **metadata)()
 
 
+@functools.cache
+def _mesh(spec: ParallelSpec, device_type: str):
+    """The (ring, ulysses) device mesh of the default group, one per spec and device type: each
+    mesh makes new process groups (NCCL communicators hold GPU memory), so they are reused."""
+    return torch.distributed.device_mesh.init_device_mesh(
+        device_type, mesh_shape=(spec.ring, spec.ulysses), mesh_dim_names=("ring", "ulysses")
+    )
+
+
 class ParallelRun:
     """Context parallelism for one pipeline: the spec, its mesh (built once) and the state the
     attention processors read during a call."""
@@ -286,15 +322,17 @@ class ParallelRun:
         self.image_tokens: int | None = None  # image tokens of the current call, all ranks
         self._config = None
 
-    @property
-    def config(self):
-        """diffusers' ParallelConfig, set up on a (ring, ulysses) mesh of the default group."""
-        if self._config is None:
-            import torch.distributed as dist
-            from diffusers import ContextParallelConfig
-            from diffusers.models._modeling_parallel import ParallelConfig
+    def setup(self, device: torch.device) -> None:
+        """diffusers' ParallelConfig for this spec on a (ring, ulysses) mesh of the default group,
+        on `device`'s type (the pipeline's); the mesh and its process groups are made once per
+        spec and device type in a process, however often parallelism is enabled."""
+        import torch.distributed as dist
+        from diffusers import ContextParallelConfig
+        from diffusers.models._modeling_parallel import ParallelConfig
 
-            check_process_group(self.spec)
+        device = torch.device(device)
+        check_process_group(self.spec, device)
+        if self._config is None or self._config._device.type != device.type:
             spec = self.spec
             cp = ContextParallelConfig(
                 ulysses_degree=spec.ulysses,
@@ -306,14 +344,15 @@ class ParallelRun:
                 # diffusers validates the anything flags against one degree only; its hooks read
                 # them to pick the any-length sharder, which `_unified_anything` needs.
                 cp.ulysses_anything = True
-            device_type = "cuda" if dist.get_backend() != "gloo" and torch.cuda.is_available() else "cpu"
-            mesh = torch.distributed.device_mesh.init_device_mesh(
-                device_type, mesh_shape=cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names
-            )
-            device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
             config = ParallelConfig(context_parallel_config=cp)
-            config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
+            config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=_mesh(spec, device.type))
             self._config = config
+
+    @property
+    def config(self):
+        """The ParallelConfig of the last `setup` (a call sets it up before any transformer pass)."""
+        if self._config is None:
+            raise RuntimeError("ParallelRun.setup(device) was not called")
         return self._config
 
     def attention(self, name: str, attention_fn):
@@ -340,13 +379,10 @@ class ParallelRun:
         from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
 
         from diffusers.hooks.hooks import HookRegistry
-        from diffusers.models._modeling_parallel import ContextParallelOutput
 
-        plan = type(transformer)._cp_plan
-        if not plan or plan.get("proj_out") != ContextParallelOutput(gather_dim=1, expected_dims=3):
-            raise HiFlowInputError("parallel", str(self.spec), f"a Flux transformer with diffusers' context-parallel plan ({type(transformer).__name__})")
+        check_transformer(self.spec, transformer)
         config = self.config
-        split_plan = {name: entry for name, entry in plan.items() if name != "proj_out"}
+        split_plan = {name: entry for name, entry in type(transformer)._cp_plan.items() if name != "proj_out"}
 
         def record_lengths(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -358,15 +394,20 @@ class ParallelRun:
         # module it touched; what was there before is put back exactly.
         touched = [transformer, transformer.proj_out]
         saved = [{key: vars(m)[key] for key in ("forward", "_diffusers_hook") if key in vars(m)} for m in touched]
-        apply_context_parallel(transformer, config.context_parallel_config, split_plan)
-        HookRegistry.check_if_exists_or_initialize(transformer.proj_out).register_hook(_image_gather_hook_type()(self), _GATHER_HOOK)
-        handle = transformer.register_forward_pre_hook(record_lengths, with_kwargs=True)
+        handle = None
         try:
+            apply_context_parallel(transformer, config.context_parallel_config, split_plan)
+            HookRegistry.check_if_exists_or_initialize(transformer.proj_out).register_hook(_image_gather_hook_type()(self), _GATHER_HOOK)
+            handle = transformer.register_forward_pre_hook(record_lengths, with_kwargs=True)
             yield self
         finally:
-            handle.remove()
-            transformer.proj_out._diffusers_hook.remove_hook(_GATHER_HOOK)
-            remove_context_parallel(transformer, split_plan)
+            # Each removal tolerates a hook that a failed install never added.
+            if handle is not None:
+                handle.remove()
+            if hasattr(transformer.proj_out, "_diffusers_hook"):
+                transformer.proj_out._diffusers_hook.remove_hook(_GATHER_HOOK)
+            if hasattr(transformer, "_diffusers_hook"):
+                remove_context_parallel(transformer, split_plan)
             for module, before in zip(touched, saved):
                 for key in ("forward", "_diffusers_hook"):
                     vars(module).pop(key, None)
@@ -420,7 +461,11 @@ def check_replicated(x: torch.Tensor, where: str) -> None:
 
     reference = x.detach().clone().contiguous()
     dist.broadcast(reference, src=0)
-    diverged = torch.tensor([0.0 if torch.equal(reference, x) else 1.0], device=x.device)
+    # Compared as bits: NaN in the same place on every rank is replicated (and then reported by
+    # the finite check as NaN), not a divergence.
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    same = torch.equal(reference.view(bits), x.detach().contiguous().view(bits))
+    diverged = torch.tensor([0.0 if same else 1.0], device=x.device)
     dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
     if diverged.item():
         raise ParallelDivergenceError(f"the ranks' latents differ after {where}; they must be replicated exactly")

@@ -158,8 +158,8 @@ class HiFlowPipeline:
         spec = P.as_parallel_spec(parallel, "parallel")
         if spec is None:
             raise HiFlowInputError("parallel", None, "a parallel spec (use disable_parallelism() to turn it off)")
-        P.check_heads(spec, int(self.transformer.config.num_attention_heads))
-        P.check_process_group(spec)
+        P.check_transformer(spec, self.transformer)
+        P.check_process_group(spec, self.device)
         self._parallel = P.ParallelRun(spec)
 
     def disable_parallelism(self) -> None:
@@ -374,7 +374,7 @@ class HiFlowPipeline:
         attention_name = resolve_backend_name(attention)
         if self._parallel is not None:
             spec = self._parallel.spec
-            P.check_process_group(spec)
+            P.check_process_group(spec, self.device)
             P.check_backend(spec, attention_name)
             if compile:
                 raise HiFlowInputError("compile", compile, f"False with parallel={str(spec)!r} (CUDA graphs are not captured across ranks)")
@@ -456,7 +456,9 @@ class HiFlowPipeline:
         # memory budget and lossy plan: checked before any work
         memory = plan_for_call(self, config, memory_budget, compile=compile, lossy=lossy)
         parallel = self._parallel
-        progress = progress and P.is_main_rank()  # one set of progress bars per run
+        if parallel is not None:
+            parallel.setup(self.device)  # the mesh on the pipeline's device type (checked above)
+        progress = progress and P.is_main_process()  # one set of progress bars per run
 
         device, dtype = self.device, self.dtype
         with memory.text_encoding() as encode_device:
@@ -506,9 +508,9 @@ class HiFlowPipeline:
                     x, base_hw, schedule, embeds, pooled, txt_ids, config, x0_by_index, callback, progress, nonfinite
                 )
                 self._forget_unneeded(x0_by_index, stage_starts, 0)
-                _check_steps_finite(nonfinite, stage_name)
-                if parallel is not None:
+                if parallel is not None:  # first: a rank alone with NaN must not raise while the others wait
                     P.check_replicated(x, stage_name)
+                _check_steps_finite(nonfinite, stage_name)
                 with V.vae_tiling(self.vae, True):  # the official pipeline tiles the VAE after the base stage
                     prev_image = None
                     for k, stage in enumerate(config.stages, start=1):
@@ -549,9 +551,9 @@ class HiFlowPipeline:
                             sigmas_for_sharpening, backend, callback, progress, nonfinite,
                         )
                         self._forget_unneeded(x0_by_index, stage_starts, k)
-                        _check_steps_finite(nonfinite, stage_name)
                         if parallel is not None:
                             P.check_replicated(x, stage_name)
+                        _check_steps_finite(nonfinite, stage_name)
                     memory.stage(None)  # memory budget: no block on the device for the final decode
                     final_target = self._stage_hw(config, len(config.stages))
                     images = None

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from hiflow_fast.config import HiFlowConfig, HiResStage
-from hiflow_fast.parallel import ParallelSpec, init_distributed
+from hiflow_fast.errors import HiFlowInputError, ParallelDivergenceError
+from hiflow_fast.parallel import ParallelSpec, check_process_group, check_replicated, init_distributed
 from hiflow_fast.pipeline import HiFlowPipeline
 
 PLANS = {
@@ -31,10 +32,46 @@ PLANS = {
 
 
 def module_state(transformer) -> list:
-    """What a call may change on the user's transformer: instance attributes and processors."""
-    return [sorted(vars(m)) for m in transformer.modules()] + [
-        type(p).__name__ for p in transformer.attn_processors.values()
-    ]
+    """What a call may change on the user's transformer, per module: its instance attributes,
+    the identity of an instance `forward`, torch's forward (pre-)hooks and diffusers' hook
+    names; then every attention processor by identity."""
+    state = []
+    for m in transformer.modules():
+        registry = vars(m).get("_diffusers_hook")
+        state.append((
+            sorted(vars(m)),
+            id(vars(m).get("forward")),
+            len(m._forward_pre_hooks), len(m._forward_hooks),
+            None if registry is None else list(registry.hooks),
+        ))
+    return state + [id(p) for p in transformer.attn_processors.values()]
+
+
+def collective_checks(spec: ParallelSpec, rank: int) -> dict:
+    """The replication check and the backend check, on this gloo group."""
+    nan = torch.tensor([1.0, float("nan"), 2.0])
+    try:
+        check_replicated(nan, "a NaN on every rank")
+        nan_is_replicated = True
+    except ParallelDivergenceError:
+        nan_is_replicated = False
+    try:
+        check_replicated(torch.tensor([1.0, 2.0 + (rank == 1)]), "a value only rank 1 has")
+        divergence_raised = False
+    except ParallelDivergenceError:
+        divergence_raised = True  # on every rank: the flag is all-reduced
+    raised = torch.tensor([float(divergence_raised)])
+    dist.all_reduce(raised, op=dist.ReduceOp.MIN)
+    try:
+        check_process_group(spec, "cuda")
+        cuda_on_gloo_refused = False
+    except HiFlowInputError:
+        cuda_on_gloo_refused = True
+    return {
+        "nan_is_replicated": nan_is_replicated,
+        "divergence_raised_on_every_rank": bool(raised.item()),
+        "cuda_on_gloo_refused": cuda_on_gloo_refused,
+    }
 
 
 def main() -> None:
@@ -73,8 +110,9 @@ def main() -> None:
             }
     restored = module_state(pipe.transformer) == before
     pipe.disable_parallelism()
+    checks = collective_checks(ParallelSpec.parse(specs[0]), rank)
     if rank == 0:
-        report = {"state_restored": restored, "runs": {}}
+        report = {"state_restored": restored, "checks": checks, "runs": {}}
         single = {name: run(config) for name, config in PLANS.items()}
         for key, entry in results.items():
             reference = single[key.split(" ", 1)[1]]

@@ -72,6 +72,7 @@ def run_worker(tmp_path, nproc: int, model: str, specs: str, attention: str | No
 
 def check_report(report: dict, specs: str) -> None:
     assert report["state_restored"], "a parallel call left state on the transformer"
+    assert report["checks"] == {"nan_is_replicated": True, "divergence_raised_on_every_rank": True, "cuda_on_gloo_refused": True}
     expected = {f"{spec} {plan}" for spec in specs.split(";") for plan in ("square", "non-square")}
     assert set(report["runs"]) == expected
     for key, run in report["runs"].items():
@@ -203,6 +204,13 @@ def test_ring_backends():
     for name in ("sdpa-cudnn", "flash", "sage", "xformers"):
         with pytest.raises(HiFlowInputError, match="log-sum-exp"):
             check_backend(ParallelSpec(ulysses=2, ring=2), name)
+
+
+def test_only_a_flux_transformer_is_split():
+    from hiflow_fast.parallel import check_transformer
+
+    with pytest.raises(HiFlowInputError, match="context-parallel plan"):
+        check_transformer(ParallelSpec(ring=2), torch.nn.Linear(2, 2))
 
 
 def test_pipeline_refuses_parallel_without_process_group(tiny_pipe):
