@@ -6,8 +6,8 @@ model, not a measurement.
     hiflow-fast bench parallel_model --stages 4k --gpus 8 --modes ulysses --links nvlink4,pcie5
 
 For FLUX.1-dev's 4K and 2K stages of the official plan, N GPUs and Ulysses / ring / both: the
-predicted stage time (replicated entry and guidance steps + transformer / N + communication /
-link bandwidth, not overlapped; and the overlapped bound), speedup and efficiency against one
+predicted stage time (the entry's VAE tiles split across ranks + replicated guidance steps +
+transformer / N + communication / link bandwidth, not overlapped; and the overlapped bound), speedup and efficiency against one
 GPU, and the bytes each step moves. Inputs measured on one GPU when --measured names a JSON of a
 GPU run (bench e2e, or bench/gpu_check's gpu_check.json), else assumed; every table and record
 says which. Runs in seconds and needs no GPU (without --measured the VAE FLOP count takes ~15 s
@@ -73,7 +73,7 @@ def _main(argv: list[str] | None) -> int:
     outputs = Outputs(args.json, args.markdown, overwrite=args.overwrite)
     records_in = pm.load_records(args.measured) if args.measured else None
     size = fs.model_size("full")
-    transformer, text_tokens = size.transformer, size.text_tokens
+    transformer, text_tokens, vae = size.transformer, size.text_tokens, size.vae
     environment = {"versions": {"torch": _package_version("torch"), "diffusers": _package_version("diffusers")},
                    "commit": git_commit()}
 
@@ -101,6 +101,7 @@ def _main(argv: list[str] | None) -> int:
                  f"one GPU: {stage_inputs.single_s:.2f} s.", ""]
         lines += [f"- {key}: {source}" for key, source in stage_inputs.sources.items()] + [""]
         rows = []
+        tiles = pm.entry_tiles(stage_inputs.stage, vae)  # the entry's VAE tiles, split across ranks
         for link_id in args.links:
             link = pm.LINKS[link_id]
             for gpus in args.gpus:
@@ -111,19 +112,22 @@ def _main(argv: list[str] | None) -> int:
                         continue  # 'both' needs a GPU count with a factor
                     if ulysses > 1 and transformer["num_attention_heads"] % ulysses and not _pads(transformer, ulysses):
                         continue  # diffusers cannot split FLUX's 24 heads over this degree
-                    p = pm.predict(stage_inputs, ulysses, ring, link, transformer, text_tokens, DTYPE_BYTES[args.dtype])
+                    world = ulysses * ring
+                    p = pm.predict(stage_inputs, ulysses, ring, link, transformer, text_tokens, DTYPE_BYTES[args.dtype],
+                                   entry_share=pm.entry_share(tiles, world),
+                                   entry_bytes=pm.entry_bytes(stage_inputs.stage, vae, world, DTYPE_BYTES[args.dtype]))
                     record = pm.as_record(p, stage_inputs, link_id, environment)
                     records.append(record)
                     rows.append(dict(link=link_id, gpus=gpus, mode=f"{mode} (u{ulysses} r{ring})", single=p.single_s,
                                      parallel=p.parallel_s, speedup=p.speedup, efficiency=p.efficiency,
                                      overlapped=p.overlapped_speedup, comm_rank=p.comm_bytes_per_step_rank / 1e9,
                                      comm_total=p.comm_bytes_per_step_total / 1e9, comm_ms=p.comm_s_per_step * 1e3,
-                                     compute=p.compute_s_per_step, replicated=p.replicated_s))
+                                     compute=p.compute_s_per_step, outside=p.outside_transformer_s))
         columns = [("link", "link"), ("GPUs", "gpus"), ("mode", "mode"), ("1 GPU s", "single"),
                    ("modelled N GPUs s", "parallel"), ("modelled speedup", "speedup"), ("efficiency", "efficiency"),
                    ("speedup if overlapped", "overlapped"), ("GB/step busiest rank", "comm_rank"),
                    ("GB/step all ranks", "comm_total"), ("comm ms/step", "comm_ms"), ("transformer/N s/step", "compute"),
-                   ("replicated s", "replicated")]
+                   ("entry (split) + guidance (replicated) s", "outside")]
         sections.append("\n".join(lines) + "\n" + markdown_table(rows, columns) + "\n")
     outputs.add(records)
     goal = _goal_line(records)
@@ -131,7 +135,8 @@ def _main(argv: list[str] | None) -> int:
                       for i in args.links)
     markdown = (
         f"# Multi-GPU scaling of HiFlow (FLUX.1-dev) -- {pm.MODEL_LABEL}\n\n"
-        f"Stage time on N GPUs = replicated part (stage entry: VAE round trip; guidance steps) + transformer / N "
+        f"Stage time on N GPUs = stage entry (VAE round trip, its tiles split round robin across the ranks: the busiest "
+        f"rank's share, plus the tiles it receives over the link) + guidance steps (replicated) + transformer / N "
         f"+ communication / link bandwidth per step (not overlapped, as diffusers runs it; the overlapped bound "
         f"alongside) + {pm.ASSUMED_COLLECTIVE_LATENCY_S * 1e6:.0f} us per collective (assumed). Communication: "
         f"the bytes the busiest rank sends or receives per step, counted from the shapes ({args.dtype}). "

@@ -276,23 +276,28 @@ def vae_flops(config: dict[str, Any], op: str, height: int, width: int, *, tiled
     `AutoencoderKL.tiled_decode` / `_tiled_encode`: tiles of `sample_size` pixels every 75 % of
     a tile); it differs from untiled: overlapping tiles repeat convolutions, and the mid-block
     attention is local to a tile (much cheaper at 4K)."""
+    key = json.dumps(_jsonable(config), sort_keys=True)
+    tiles = vae_tiles(config, op, height, width) if tiled else [(height, width)]
+    return batch * sum(_vae_pass_flops(key, op, th, tw) for th, tw in tiles)
+
+
+def vae_tiles(config: dict[str, Any], op: str, height: int, width: int) -> list[tuple[int, int]]:
+    """The (height, width) in pixels of each tile diffusers' tiled VAE `op` runs on a height x
+    width image, in its loop order (rows, then columns; `AutoencoderKL.tiled_decode` /
+    `_tiled_encode`: tiles of `sample_size` pixels every 75 % of a tile); one tile, the whole
+    image, where tiling does not engage."""
     if op not in ("decode", "encode"):
         raise ValueError(f"op={op!r}: expected 'decode' or 'encode'")
-    key = json.dumps(_jsonable(config), sort_keys=True)
     down = 2 ** (len(config["block_out_channels"]) - 1)
     # The grid the op tiles over: latent pixels for decode, image pixels for encode.
     scale = down if op == "decode" else 1
     rows, cols = height // scale, width // scale
     tile = config["sample_size"] // scale
-    if not tiled or (rows <= tile and cols <= tile):
-        return batch * _vae_pass_flops(key, op, rows * scale, cols * scale)
+    if rows <= tile and cols <= tile:
+        return [(rows * scale, cols * scale)]
     stride = int(tile * (1 - VAE_TILE_OVERLAP))
-    total = 0
-    for i in range(0, rows, stride):
-        for j in range(0, cols, stride):
-            th, tw = min(tile, rows - i), min(tile, cols - j)
-            total += _vae_pass_flops(key, op, th * scale, tw * scale)
-    return batch * total
+    return [(min(tile, rows - i) * scale, min(tile, cols - j) * scale)
+            for i in range(0, rows, stride) for j in range(0, cols, stride)]
 
 
 # diffusers' AutoencoderKL.tile_overlap_factor: neighbouring tiles overlap by a quarter tile.

@@ -3,12 +3,19 @@
 What one high-res stage would take on N GPUs that split the transformer's sequence (diffusers'
 Ulysses, ring, or both; hiflow_fast.parallel), predicted from single-GPU numbers:
 
-    stage(N) = entry + sum over the stage's steps of
+    stage(N) = entry x share(N) + entry tiles' bytes / link bandwidth
+               + sum over the stage's steps of
                (transformer(step) / N + guidance(step) + communication(step) / link bandwidth
                 + collectives(step) x latency)
 
-* entry (the VAE round trip and the re-noising) and the guidance step are REPLICATED: every rank
-  runs them whole on the replicated latents (hiflow_fast.parallel), so they do not shrink with N;
+* entry (the VAE round trip and the re-noising): its tiled decode and encode are split across
+  the ranks tile by tile, round robin (hiflow_fast.parallel: ParallelRun.split_vae_tiles), so
+  it shrinks to the busiest rank's share of the tiles' work (`entry_share`, by pixels; the last
+  tiles of a row are smaller, and 9 or 36 tiles do not divide by every N), plus the tiles the other ranks
+  computed, received over the link (`entry_bytes`); the re-noising and resampling are counted
+  in the entry as split too (they are a small part of it);
+* the guidance step is REPLICATED: every rank runs it whole on the replicated latents, so it
+  does not shrink with N;
 * the transformer's work divides by N: every matmul runs on 1/N of the tokens, and attention
   (Ulysses: all tokens, 1/N of the heads; ring: 1/N of the queries against all keys) on 1/N of
   the L^2 work. What this leaves out: GEMMs on fewer rows reach a lower fraction of peak (at 4K
@@ -225,7 +232,7 @@ class StageInputs:
     """Single-GPU seconds of one stage, each with where it came from."""
 
     stage: StageSpec
-    entry_s: float  # VAE round trip + re-noising (replicated)
+    entry_s: float  # VAE round trip + re-noising, on one GPU
     transformer_step_s: float  # one transformer forward, averaged over the stage's swin grids
     guidance_step_s: float  # one guidance step (replicated)
     sources: dict[str, str] = field(default_factory=dict)  # input -> "measured: ..." / "assumed: ..."
@@ -256,7 +263,7 @@ class Prediction:
     comm_bytes_per_step_total: float
     comm_s_per_step: float
     compute_s_per_step: float  # transformer / N
-    replicated_s: float  # entry + guidance steps
+    outside_transformer_s: float  # entry (split by tiles, received tiles included) + guidance steps (replicated)
 
     @property
     def world_size(self) -> int:
@@ -289,9 +296,46 @@ def degrees(mode: str, gpus: int) -> tuple[int, int]:
     raise HiFlowInputError("--modes", mode, "ulysses, ring or both")
 
 
+def entry_share(tile_work: Iterable[list[float]], world: int) -> float:
+    """The busiest rank's fraction of a stage entry's VAE work when every tiled pass (each a
+    list of per-tile work in diffusers' loop order) hands tile k to rank k mod `world`."""
+    passes = [list(p) for p in tile_work]
+    total = sum(sum(p) for p in passes)
+    busiest = max(sum(f for p in passes for k, f in enumerate(p) if k % world == rank) for rank in range(world))
+    return busiest / total
+
+
+def entry_tiles(stage: StageSpec, vae: dict[str, Any]) -> list[list[float]]:
+    """The work of each tile of a stage's entry, in pixels: the tiled decode of the previous
+    stage's latents, the tiled encode of this stage's image (FLUX's VAE config). Pixels stand in
+    for FLOPs (counting them takes seconds, too long for gpu_check's step): the convolutions
+    scale with them; only the smaller edge tiles are weighted a little high, as a tile's
+    mid-block attention grows faster than its pixels."""
+    from hiflow_fast.bench import flux_shapes as fs
+
+    return [[h * w for h, w in fs.vae_tiles(vae, op, height, width)]
+            for op, (height, width) in (("decode", stage.previous), ("encode", (stage.height, stage.width)))]
+
+
+def entry_bytes(stage: StageSpec, vae: dict[str, Any], world: int, dtype_bytes: int) -> float:
+    """Bytes the busiest rank receives at a stage entry: every tile output it did not compute
+    (decoded tiles: 3 x pixels; encoded tiles: the 2 x latent-channel moments at 1/8 the side)."""
+    from hiflow_fast.bench import flux_shapes as fs
+
+    down = 2 ** (len(vae["block_out_channels"]) - 1)
+    outputs = [[vae["out_channels"] * h * w for h, w in fs.vae_tiles(vae, "decode", *stage.previous)],
+               [2 * vae["latent_channels"] * (h // down) * (w // down) for h, w in fs.vae_tiles(vae, "encode", stage.height, stage.width)]]
+    total = sum(sum(p) for p in outputs)
+    least_own = min(sum(n for p in outputs for k, n in enumerate(p) if k % world == rank) for rank in range(world))
+    return (total - least_own) * dtype_bytes
+
+
 def predict(inputs: StageInputs, ulysses: int, ring: int, link: Link, transformer: dict[str, Any], text_tokens: int,
-            dtype_bytes: int, latency_s: float = ASSUMED_COLLECTIVE_LATENCY_S) -> Prediction:
-    """The stage on ulysses x ring GPUs over `link` (see the module docstring for the formula)."""
+            dtype_bytes: int, latency_s: float = ASSUMED_COLLECTIVE_LATENCY_S, *, entry_share: float = 1.0,
+            entry_bytes: float = 0.0) -> Prediction:
+    """The stage on ulysses x ring GPUs over `link` (see the module docstring for the formula);
+    entry_share / entry_bytes: the VAE tile split's (`entry_share(entry_tiles(...))`,
+    `entry_bytes(...)`; the defaults model a replicated entry)."""
     world = ulysses * ring
     grids = step_grids(inputs.stage)
     volumes = [comm_per_step(ulysses, ring, image_tokens(g), text_tokens, transformer, dtype_bytes) for g in grids]
@@ -301,12 +345,12 @@ def predict(inputs: StageInputs, ulysses: int, ring: int, link: Link, transforme
     comm_s = critical / link.bytes_per_s + collectives * latency_s
     compute_s = inputs.transformer_step_s / world
     steps = inputs.stage.steps
-    replicated = inputs.entry_s + steps * inputs.guidance_step_s
-    parallel_s = replicated + steps * (compute_s + comm_s)
-    overlapped_s = replicated + steps * max(compute_s, comm_s)
+    outside = inputs.entry_s * entry_share + entry_bytes / link.bytes_per_s + steps * inputs.guidance_step_s
+    parallel_s = outside + steps * (compute_s + comm_s)
+    overlapped_s = outside + steps * max(compute_s, comm_s)
     mode = "both" if ulysses > 1 and ring > 1 else ("ulysses" if ulysses > 1 else "ring")
     return Prediction(inputs.stage.name, mode, ulysses, ring, link.name, inputs.single_s, parallel_s, overlapped_s,
-                      critical, total, comm_s, compute_s, replicated)
+                      critical, total, comm_s, compute_s, outside)
 
 
 # ---- inputs: measured (a GPU run's JSON) or assumed (FLOPs at stated rates) -----------------

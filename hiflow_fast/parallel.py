@@ -415,6 +415,104 @@ class ParallelRun:
             self.joint_tokens = self.image_tokens = None
 
 
+    @contextlib.contextmanager
+    def split_vae_tiles(self, vae) -> Iterator[None]:
+        """The VAE's tiled decode and encode with their tiles computed round-robin across the
+        ranks (tile k on rank k mod N), then given to every rank; diffusers' own tiled_decode /
+        _tiled_encode then blend them, so the result is the single-process tiled result bit for
+        bit. Untiled calls (small images) run on every rank as before. Restored on exit; a VAE
+        without diffusers' AutoencoderKL tiling is left as it is."""
+        cls = type(vae)
+        if not all(hasattr(cls, name) for name in ("tiled_decode", "_tiled_encode", "blend_v", "blend_h")):
+            yield
+            return
+
+        def tiled_decode(z, return_dict=True):
+            def compute(tile):
+                if vae.config.use_post_quant_conv:
+                    tile = vae.post_quant_conv(tile)
+                return vae.decoder(tile)
+
+            overlap = int(vae.tile_latent_min_size * (1 - vae.tile_overlap_factor))
+            tiles = _tiles_across_ranks(z, vae.tile_latent_min_size, overlap, compute)
+            replaced = {"decoder": _TileReplay(tiles)}
+            if vae.config.use_post_quant_conv:
+                replaced["post_quant_conv"] = torch.nn.Identity()
+            with _submodules_replaced(vae, replaced):
+                return cls.tiled_decode(vae, z, return_dict=return_dict)
+
+        def tiled_encode(x):
+            def compute(tile):
+                tile = vae.encoder(tile)
+                return vae.quant_conv(tile) if vae.config.use_quant_conv else tile
+
+            overlap = int(vae.tile_sample_min_size * (1 - vae.tile_overlap_factor))
+            tiles = _tiles_across_ranks(x, vae.tile_sample_min_size, overlap, compute)
+            replaced = {"encoder": _TileReplay(tiles)}
+            if vae.config.use_quant_conv:
+                replaced["quant_conv"] = torch.nn.Identity()
+            with _submodules_replaced(vae, replaced):
+                return cls._tiled_encode(vae, x)
+
+        saved = {name: vars(vae)[name] for name in ("tiled_decode", "_tiled_encode") if name in vars(vae)}
+        vae.tiled_decode, vae._tiled_encode = tiled_decode, tiled_encode
+        try:
+            yield
+        finally:
+            for name in ("tiled_decode", "_tiled_encode"):
+                vars(vae).pop(name, None)
+            vars(vae).update(saved)
+
+
+def _tiles_across_ranks(x: torch.Tensor, tile: int, overlap: int, compute) -> list[torch.Tensor]:
+    """compute(tile) for every tile of diffusers' tiled VAE grid (rows then columns, `tile` wide,
+    starting every `overlap`), each computed on one rank (k mod N) and broadcast from it."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    corners = [(i, j) for i in range(0, x.shape[2], overlap) for j in range(0, x.shape[3], overlap)]
+    mine = {k: compute(x[:, :, i : i + tile, j : j + tile]).contiguous()
+            for k, (i, j) in enumerate(corners) if k % world == rank}
+    # Output shapes come from the owners (the VAE decides them); one small exchange per call.
+    shapes: list = [None] * world
+    dist.all_gather_object(shapes, {k: (tuple(t.shape), t.dtype) for k, t in mine.items()})
+    tiles = []
+    for k in range(len(corners)):
+        owner = k % world
+        if owner == rank:
+            tensor = mine[k]
+        else:
+            shape, dtype = shapes[owner][k]
+            tensor = torch.empty(shape, dtype=dtype, device=x.device)
+        dist.broadcast(tensor, src=owner)
+        tiles.append(tensor)
+    return tiles
+
+
+class _TileReplay(torch.nn.Module):
+    """Stands in for the VAE's encoder or decoder inside diffusers' tiled loop: returns the
+    tiles already computed, in the loop's order."""
+
+    def __init__(self, tiles: list[torch.Tensor]):
+        super().__init__()
+        self._tiles = iter(tiles)
+
+    def forward(self, tile: torch.Tensor) -> torch.Tensor:
+        return next(self._tiles)
+
+
+@contextlib.contextmanager
+def _submodules_replaced(module: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -> Iterator[None]:
+    saved = {name: getattr(module, name) for name in replacements}
+    try:
+        for name, replacement in replacements.items():
+            setattr(module, name, replacement)
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(module, name, original)
+
+
 _GATHER_HOOK = "hiflow_cp_output---proj_out"
 
 

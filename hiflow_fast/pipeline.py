@@ -497,7 +497,9 @@ class HiFlowPipeline:
         try:
             with fast_transformer(
                 self.transformer, proportional=proportional, attention=attention, kernels=backend, compile=compile
-            ) as patch, memory, (parallel.applied(self.transformer) if parallel else contextlib.nullcontext()):
+            ) as patch, memory, (parallel.applied(self.transformer) if parallel else contextlib.nullcontext()), (
+                parallel.split_vae_tiles(self.vae) if parallel else contextlib.nullcontext()
+            ):
                 if parallel is not None:
                     patch.use_parallel(parallel)
                 memory.stage(0)  # memory budget: the base stage's resident blocks

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from hiflow_fast.config import HiFlowConfig, HiResStage
 from hiflow_fast.errors import HiFlowInputError, ParallelDivergenceError
-from hiflow_fast.parallel import ParallelSpec, check_process_group, check_replicated, init_distributed
+from hiflow_fast.parallel import ParallelRun, ParallelSpec, check_process_group, check_replicated, init_distributed
+from hiflow_fast.vae import vae_tiling
 from hiflow_fast.pipeline import HiFlowPipeline
 
 PLANS = {
@@ -45,6 +46,26 @@ def module_state(transformer) -> list:
             None if registry is None else list(registry.hooks),
         ))
     return state + [id(p) for p in transformer.attn_processors.values()]
+
+
+# Small VAE tiles, so that every stage entry and the final decode are tiled (and the tiles split
+# across ranks): 64 px / 8 latent pixels, where the embedded VAE's default is 1024 / 128.
+VAE_TILE_PX = 64
+
+
+def vae_split_is_exact(spec: ParallelSpec, vae) -> dict:
+    """Tiled decode and encode with the tiles split across ranks equal the one-rank ones, bit for
+    bit (odd sizes: edge tiles of every shape)."""
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(1, vae.config.latent_channels, 21, 27, generator=generator)
+    image = torch.rand(1, 3, 168, 216, generator=generator) * 2 - 1
+    run = ParallelRun(spec)
+    run.setup(torch.device("cpu"))
+    with torch.no_grad(), vae_tiling(vae, True):
+        decoded, encoded = vae.decode(z).sample, vae.encode(image).latent_dist.mode()
+        with run.split_vae_tiles(vae):
+            split_decoded, split_encoded = vae.decode(z).sample, vae.encode(image).latent_dist.mode()
+    return {"vae_decode_exact": torch.equal(decoded, split_decoded), "vae_encode_exact": torch.equal(encoded, split_encoded)}
 
 
 def collective_checks(spec: ParallelSpec, rank: int) -> dict:
@@ -86,6 +107,8 @@ def main() -> None:
     init_distributed(ParallelSpec.parse(specs[0]), "cpu", timeout_s=120)
     rank = dist.get_rank()
     pipe = HiFlowPipeline.from_pretrained(args.model, load_text_encoders=False)
+    pipe.vae.tile_sample_min_size = VAE_TILE_PX
+    pipe.vae.tile_latent_min_size = VAE_TILE_PX // 8
     embeds = load_file(os.path.join(args.model, "prompt_embeds.safetensors"))
 
     def run(config):
@@ -110,7 +133,7 @@ def main() -> None:
             }
     restored = module_state(pipe.transformer) == before
     pipe.disable_parallelism()
-    checks = collective_checks(ParallelSpec.parse(specs[0]), rank)
+    checks = collective_checks(ParallelSpec.parse(specs[0]), rank) | vae_split_is_exact(ParallelSpec.parse(specs[0]), pipe.vae)
     if rank == 0:
         report = {"state_restored": restored, "checks": checks, "runs": {}}
         single = {name: run(config) for name, config in PLANS.items()}

@@ -72,7 +72,10 @@ def run_worker(tmp_path, nproc: int, model: str, specs: str, attention: str | No
 
 def check_report(report: dict, specs: str) -> None:
     assert report["state_restored"], "a parallel call left state on the transformer"
-    assert report["checks"] == {"nan_is_replicated": True, "divergence_raised_on_every_rank": True, "cuda_on_gloo_refused": True}
+    assert report["checks"] == {
+        "nan_is_replicated": True, "divergence_raised_on_every_rank": True, "cuda_on_gloo_refused": True,
+        "vae_decode_exact": True, "vae_encode_exact": True,
+    }
     expected = {f"{spec} {plan}" for spec in specs.split(";") for plan in ("square", "non-square")}
     assert set(report["runs"]) == expected
     for key, run in report["runs"].items():

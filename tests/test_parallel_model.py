@@ -204,3 +204,38 @@ def test_command_refuses_bad_input(argv, flag, capsys):
     assert bench_parallel_model.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and flag in err
+
+
+# ---- the stage entry: VAE tiles split round robin across ranks ---------------------------------
+
+
+def test_entry_share_is_the_busiest_ranks():
+    # 9 decode tiles and 36 encode tiles of equal work on 8 ranks: rank 0 gets tiles 0 and 8 of
+    # the decode and 0, 8, 16, 24, 32 of the encode, 7 of 45.
+    assert pm.entry_share([[1.0] * 9, [1.0] * 36], 8) == pytest.approx(7 / 45)
+    assert pm.entry_share([[4.0, 1.0]], 2) == pytest.approx(4 / 5)
+    assert pm.entry_share([[1.0, 2.0, 3.0]], 1) == 1.0
+
+
+def test_entry_tiles_and_bytes_by_hand():
+    vae = {"sample_size": 64, "block_out_channels": [1, 1, 1, 1], "out_channels": 3, "latent_channels": 16}
+    stage = pm.StageSpec("t", 128, 128, 3, (64, 64))
+    # Decode of 64 px (8 latent px, one 8-px tile: no tiling); encode of 128 px in 64-px tiles
+    # every 48 px: rows and columns of 64, 64, 32 px.
+    sides = [64, 64, 32]
+    encode = [(h, w) for h in sides for w in sides]
+    assert pm.entry_tiles(stage, vae) == [[64 * 64], [h * w for h, w in encode]]
+    outputs = [3 * 64 * 64] + [32 * (h // 8) * (w // 8) for h, w in encode]
+    # 2 ranks: decode tile 0 -> rank 0; encode tiles 0, 2, 4, 6, 8 -> rank 0, the others rank 1.
+    own = [outputs[0] + sum(outputs[1::2]), sum(outputs[2::2])]
+    assert pm.entry_bytes(stage, vae, 2, 2) == (sum(outputs) - min(own)) * 2
+
+
+def test_prediction_with_a_split_entry():
+    stage = pm.StageSpec("t", 64, 64, 3, (32, 32))
+    inputs = pm.StageInputs(stage, entry_s=2.0, transformer_step_s=8.0, guidance_step_s=0.5)
+    link = pm.Link("test", 1e6, "a test")
+    replicated = pm.predict(inputs, 2, 1, link, config(), 4, 2, latency_s=0.0)
+    split = pm.predict(inputs, 2, 1, link, config(), 4, 2, latency_s=0.0, entry_share=0.6, entry_bytes=5e5)
+    assert split.parallel_s == pytest.approx(replicated.parallel_s - 2.0 + 2.0 * 0.6 + 0.5)
+    assert split.outside_transformer_s == pytest.approx(2.0 * 0.6 + 0.5 + 3 * 0.5)
