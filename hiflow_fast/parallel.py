@@ -427,32 +427,27 @@ class ParallelRun:
             yield
             return
 
-        def tiled_decode(z, return_dict=True):
-            def compute(tile):
-                if vae.config.use_post_quant_conv:
-                    tile = vae.post_quant_conv(tile)
-                return vae.decoder(tile)
+        def split(method: str, x, tile: int, network: str, conv: str, conv_first: bool, **kwargs):
+            """cls.<method> (diffusers' tiled loop) with `network` (+ its 1x1 `conv`, before or
+            after it, where the config uses one) computed tile by tile across the ranks first."""
+            use_conv = getattr(vae.config, f"use_{conv}")
 
-            overlap = int(vae.tile_latent_min_size * (1 - vae.tile_overlap_factor))
-            tiles = _tiles_across_ranks(z, vae.tile_latent_min_size, overlap, compute)
-            replaced = {"decoder": _TileReplay(tiles)}
-            if vae.config.use_post_quant_conv:
-                replaced["post_quant_conv"] = torch.nn.Identity()
+            def compute(t):
+                if use_conv and conv_first:
+                    t = getattr(vae, conv)(t)
+                t = getattr(vae, network)(t)
+                return getattr(vae, conv)(t) if use_conv and not conv_first else t
+
+            tiles = _tiles_across_ranks(x, tile, int(tile * (1 - vae.tile_overlap_factor)), compute)
+            replaced = {network: _TileReplay(tiles), **({conv: torch.nn.Identity()} if use_conv else {})}
             with _submodules_replaced(vae, replaced):
-                return cls.tiled_decode(vae, z, return_dict=return_dict)
+                return getattr(cls, method)(vae, x, **kwargs)
+
+        def tiled_decode(z, return_dict=True):
+            return split("tiled_decode", z, vae.tile_latent_min_size, "decoder", "post_quant_conv", True, return_dict=return_dict)
 
         def tiled_encode(x):
-            def compute(tile):
-                tile = vae.encoder(tile)
-                return vae.quant_conv(tile) if vae.config.use_quant_conv else tile
-
-            overlap = int(vae.tile_sample_min_size * (1 - vae.tile_overlap_factor))
-            tiles = _tiles_across_ranks(x, vae.tile_sample_min_size, overlap, compute)
-            replaced = {"encoder": _TileReplay(tiles)}
-            if vae.config.use_quant_conv:
-                replaced["quant_conv"] = torch.nn.Identity()
-            with _submodules_replaced(vae, replaced):
-                return cls._tiled_encode(vae, x)
+            return split("_tiled_encode", x, vae.tile_sample_min_size, "encoder", "quant_conv", False)
 
         saved = {name: vars(vae)[name] for name in ("tiled_decode", "_tiled_encode") if name in vars(vae)}
         vae.tiled_decode, vae._tiled_encode = tiled_decode, tiled_encode

@@ -53,19 +53,37 @@ def module_state(transformer) -> list:
 VAE_TILE_PX = 64
 
 
+def with_quant_convs(vae):
+    """The same VAE with the 1x1 quant / post-quant convolutions some VAEs have (FLUX's has
+    none), weights drawn from a private generator."""
+    from diffusers import AutoencoderKL
+
+    variant = AutoencoderKL.from_config({**vae.config, "use_quant_conv": True, "use_post_quant_conv": True})
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for parameter in variant.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    variant.tile_sample_min_size, variant.tile_latent_min_size = vae.tile_sample_min_size, vae.tile_latent_min_size
+    return variant
+
+
 def vae_split_is_exact(spec: ParallelSpec, vae) -> dict:
     """Tiled decode and encode with the tiles split across ranks equal the one-rank ones, bit for
-    bit (odd sizes: edge tiles of every shape)."""
+    bit (odd sizes: edge tiles of every shape), for the model's VAE and one with quant convs."""
     generator = torch.Generator().manual_seed(5)
     z = torch.randn(1, vae.config.latent_channels, 21, 27, generator=generator)
     image = torch.rand(1, 3, 168, 216, generator=generator) * 2 - 1
     run = ParallelRun(spec)
     run.setup(torch.device("cpu"))
-    with torch.no_grad(), vae_tiling(vae, True):
-        decoded, encoded = vae.decode(z).sample, vae.encode(image).latent_dist.mode()
-        with run.split_vae_tiles(vae):
-            split_decoded, split_encoded = vae.decode(z).sample, vae.encode(image).latent_dist.mode()
-    return {"vae_decode_exact": torch.equal(decoded, split_decoded), "vae_encode_exact": torch.equal(encoded, split_encoded)}
+    exact = {"vae_decode_exact": True, "vae_encode_exact": True}
+    for each in (vae, with_quant_convs(vae)):
+        with torch.no_grad(), vae_tiling(each, True):
+            decoded, encoded = each.decode(z).sample, each.encode(image).latent_dist.mode()
+            with run.split_vae_tiles(each):
+                split_decoded, split_encoded = each.decode(z).sample, each.encode(image).latent_dist.mode()
+        exact["vae_decode_exact"] &= torch.equal(decoded, split_decoded)
+        exact["vae_encode_exact"] &= torch.equal(encoded, split_encoded)
+    return exact
 
 
 def collective_checks(spec: ParallelSpec, rank: int) -> dict:
