@@ -623,8 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HiFlowInputError, HiFlowModelError, NonFiniteLatentsError, StageOutOfMemoryError, ParallelDivergenceError) as exc:
         if debug:
             raise
-        # Under torchrun every rank checks the same arguments: one copy of an input error is enough.
-        if not (isinstance(exc, HiFlowInputError) and not is_main_process()):
+        # Under torchrun every rank checks the same arguments, and all ranks raise a divergence
+        # together: one copy (rank 0's) of either is enough.
+        if is_main_process() or not isinstance(exc, (HiFlowInputError, ParallelDivergenceError)):
             print(f"error: {_rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except Exception as exc:

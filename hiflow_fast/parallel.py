@@ -548,6 +548,15 @@ def _image_gather_hook_type():
     return ImageGatherHook
 
 
+def seed_from_rank_zero(seed: int) -> int:
+    """Rank 0's `seed` on every rank (a call without a seed draws one per process)."""
+    import torch.distributed as dist
+
+    shared = [seed]
+    dist.broadcast_object_list(shared, src=0)
+    return int(shared[0])
+
+
 def check_replicated(x: torch.Tensor, where: str) -> None:
     """ParallelDivergenceError on every rank when any rank's `x` differs from rank 0's."""
     import torch.distributed as dist

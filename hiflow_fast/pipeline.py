@@ -443,7 +443,9 @@ class HiFlowPipeline:
         seed = as_int(seed) if seed is not None else None
         num_images_per_prompt = as_int(num_images_per_prompt)
         if generator is None:
-            seed = _unique_seed() if seed is None else seed
+            if seed is None:
+                # Under context parallelism every rank must draw the same noises: rank 0's seed.
+                seed = _unique_seed() if self._parallel is None else P.seed_from_rank_zero(_unique_seed())
             generator = torch.Generator(device="cpu").manual_seed(seed)
         else:
             seed = generator.initial_seed()
