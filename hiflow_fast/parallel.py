@@ -139,27 +139,18 @@ def check_backend(spec: ParallelSpec, attention: str, field: str = "attention") 
         )
 
 
-def distributed_state() -> tuple[int, int] | None:
-    """(rank, world size) of the default process group, or None when there is none."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return None
-
-
 def check_process_group(spec: ParallelSpec, device: str | torch.device | None = None, field: str = "parallel") -> None:
     """The default process group exists, has exactly the spec's world size and, given the
     pipeline's device, a backend that moves its tensors (NCCL for CUDA, gloo for the CPU)."""
     import torch.distributed as dist
 
-    state = distributed_state()
-    if state is None:
+    if not (dist.is_available() and dist.is_initialized()):
         raise HiFlowInputError(
             field, str(spec), "a run with torch.distributed initialised: launch with torchrun and call hiflow_fast.parallel.init_distributed()"
         )
-    if state[1] != spec.world_size:
-        raise HiFlowInputError(field, str(spec), f"degrees whose product is the world size, {state[1]} (this is {spec.world_size})")
+    world = dist.get_world_size()
+    if world != spec.world_size:
+        raise HiFlowInputError(field, str(spec), f"degrees whose product is the world size, {world} (this is {spec.world_size})")
     if device is not None:
         needed = {"cuda": "nccl", "cpu": "gloo"}.get(torch.device(device).type)
         backend = str(dist.get_backend())
@@ -324,14 +315,14 @@ class ParallelRun:
 
     def setup(self, device: torch.device) -> None:
         """diffusers' ParallelConfig for this spec on a (ring, ulysses) mesh of the default group,
-        on `device`'s type (the pipeline's); the mesh and its process groups are made once per
-        spec and device type in a process, however often parallelism is enabled."""
+        on `device`'s type (the pipeline's, which the caller has checked the group serves:
+        check_process_group); the mesh and its process groups are made once per spec and device
+        type in a process, however often parallelism is enabled."""
         import torch.distributed as dist
         from diffusers import ContextParallelConfig
         from diffusers.models._modeling_parallel import ParallelConfig
 
         device = torch.device(device)
-        check_process_group(self.spec, device)
         if self._config is None or self._config._device.type != device.type:
             spec = self.spec
             cp = ContextParallelConfig(
@@ -357,14 +348,14 @@ class ParallelRun:
 
     def attention(self, name: str, attention_fn):
         """fn(q, k, v, scale) -> out: attention over the whole sequence, from this rank's part."""
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
         forward_op = _forward_op(name, attention_fn)
 
         def attend(query, key, value, scale):
             config = self.config
             if self.spec.mode == "both":
                 return _unified_anything(query, key, value, scale, forward_op, config)
-            from diffusers.models.attention_dispatch import _templated_context_parallel_attention
-
             return _templated_context_parallel_attention(
                 query, key, value, None, 0.0, False, scale, False, False,
                 forward_op=forward_op, backward_op=_no_backward, _parallel_config=config,
@@ -377,7 +368,6 @@ class ParallelRun:
         """diffusers' split/gather hooks on `transformer` (its `_cp_plan`) and our pre-hook that
         records the global joint length; all removed on exit."""
         from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
-
         from diffusers.hooks.hooks import HookRegistry
 
         check_transformer(self.spec, transformer)
@@ -413,7 +403,6 @@ class ParallelRun:
                     vars(module).pop(key, None)
                 vars(module).update(before)
             self.joint_tokens = self.image_tokens = None
-
 
     @contextlib.contextmanager
     def split_vae_tiles(self, vae) -> Iterator[None]:
